@@ -43,7 +43,8 @@ def _check_shapes(x_shape: Sequence[int], factors: Sequence[Tensor]) -> None:
     if d < 1:
         raise ShapeMismatchError("kron_linear needs at least one factor")
     n = tuple(int(u.shape[1]) for u in factors)
-    if tuple(x_shape[-d:]) != n or len(x_shape) < d + 1:
+    # exactly one leading batch axis: the mode products rotate axes to position 1 (see kron_linear_reference)
+    if len(x_shape) != d + 1 or tuple(x_shape[-d:]) != n:
         raise ShapeMismatchError(
             f"input of shape {tuple(x_shape)} does not match the factors' input shape (B, {', '.join(map(str, n))}); "
             "pass the input un-flattened with a leading batch axis"
@@ -202,13 +203,17 @@ def nearest_kronecker(
         u, s, vh = torch.linalg.svd(t, full_matrices=False)
         root = s[0].sqrt()
         vecs = [u[:, 0] * root, vh[0] * root]
+    elif t.norm() == 0:
+        vecs = [torch.zeros(s, dtype=t.dtype, device=t.device) for s in t.shape]  # ALS would divide 0 by 0
     else:
         # rank-1 ALS (higher-order power method), started from each mode's leading left singular vector
         vecs = []
         for k in range(d):
             unfold = t.movedim(k, 0).reshape(t.shape[k], -1)
             vecs.append(torch.linalg.svd(unfold, full_matrices=False)[0][:, 0])
-        scale = torch.tensor(1.0, dtype=torch.float64)
+        scale = t
+        for j in range(d - 1, -1, -1):  # <t, v_1 ⊗ ... ⊗ v_d>: the best scale of the start (iters = 0)
+            scale = torch.tensordot(scale, vecs[j], dims=([j], [0]))
         prev = math.inf
         for _ in range(iters):
             for k in range(d):
@@ -304,9 +309,7 @@ class KronLinear(nn.Module):
     # -- conversion -----------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_dense(
-        cls, linear: nn.Linear, in_shape: Sequence[int], out_shape: Sequence[int]
-    ) -> KronLinear:
+    def from_dense(cls, linear: nn.Linear, in_shape: Sequence[int], out_shape: Sequence[int]) -> KronLinear:
         """The KronLinear nearest to ``linear`` (Frobenius norm); ``.approx_error`` holds the relative error."""
         in_shape, out_shape = _as_shape(in_shape, "in_shape"), _as_shape(out_shape, "out_shape")
         if (linear.out_features, linear.in_features) != (math.prod(out_shape), math.prod(in_shape)):
