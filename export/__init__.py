@@ -1,6 +1,49 @@
-"""edgesep.export: torch -> ONNX with Kronecker lowering, simplification, INT8 quantization and bundles.
+"""edgesep.export: torch -> ONNX with the Kronecker lowering, graph checks and simplification.
 
-Not implemented yet (see the export issue). The package exists so the layout and import names are fixed.
+``import edgesep.export`` imports neither torch nor onnx: every name below is loaded on first use (PEP 562), so
+the device side can import the package and host-only names cost nothing until called.
+
+- ``export_onnx(model, input_shape, path, opset=18, batch=None)`` -> ``ExportReport`` (torch)
+- ``parity(model, onnx_path, x)``: ONNX Runtime vs torch (torch, onnxruntime)
+- ``translation_table()``, ``kron_linear_onnx``, ``SUPPORTED_OPSETS``: the lowering (torch, onnxscript)
+- ``op_census``, ``largest_initializer``, ``stored_tensors``, ``check_no_redensify``, ``check_standard_ops``,
+  ``check_model``, ``input_shapes``, ``simplify``, ``GraphCheckError``: graph checks (onnx, onnxsim; no torch)
 """
 
-__all__: list[str] = []
+import importlib as _importlib
+
+_LAZY: dict[str, str] = {
+    # torch -> ONNX (imports torch)
+    "ExportReport": "edgesep.export._onnx",
+    "export_onnx": "edgesep.export._onnx",
+    "parity": "edgesep.export._onnx",
+    # the lowering (imports torch, onnxscript)
+    "SUPPORTED_OPSETS": "edgesep.export._lowering",
+    "kron_linear_onnx": "edgesep.export._lowering",
+    "translation_table": "edgesep.export._lowering",
+    # graph checks (onnx / onnxsim only)
+    "GraphCheckError": "edgesep.export._graph",
+    "check_model": "edgesep.export._graph",
+    "check_no_redensify": "edgesep.export._graph",
+    "check_standard_ops": "edgesep.export._graph",
+    "input_shapes": "edgesep.export._graph",
+    "largest_initializer": "edgesep.export._graph",
+    "op_census": "edgesep.export._graph",
+    "simplify": "edgesep.export._graph",
+    "stored_tensors": "edgesep.export._graph",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edgesep.export' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*(k for k in globals() if not k.startswith("_")), *__all__})
