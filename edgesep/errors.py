@@ -8,12 +8,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 __all__ = [
+    "AccuracyGateError",
+    "BundleContentError",
+    "BundleError",
+    "BundleLookupError",
     "CheckpointError",
     "ConfigError",
     "DatasetError",
     "EdgesepError",
+    "IntegrityError",
+    "ManifestError",
+    "SchemaVersionError",
     "ShapeMismatchError",
     "UnknownNameError",
+    "UnsafePathError",
 ]
 
 
@@ -46,3 +54,74 @@ class ConfigError(EdgesepError, ValueError):
 
 class CheckpointError(EdgesepError):
     """A run directory or checkpoint that cannot be loaded."""
+
+
+class BundleError(EdgesepError):
+    """A bundle that cannot be opened, verified or written; the base class of every bundle error."""
+
+
+class ManifestError(BundleError, ValueError):
+    """A manifest.json that is not JSON, not an object, or has a missing, unknown or wrongly typed field."""
+
+
+class SchemaVersionError(BundleError):
+    """A bundle written with a manifest schema version this edgesep cannot read."""
+
+    def __init__(self, found: object, supported: Iterable[int], source: str = "manifest"):
+        self.found, self.supported = found, tuple(supported)
+        super().__init__(
+            f"{source}: bundle schema_version {found!r} is not supported; this edgesep reads schema versions "
+            f"{list(self.supported)}. Upgrade edgesep, or re-export the bundle with this version"
+        )
+
+
+class IntegrityError(BundleError):
+    """A bundle file that is missing, not listed in the manifest, or whose size or sha256 differs from it."""
+
+    def __init__(
+        self, file: str, reason: str | None = None, *, expected: str | None = None, actual: str | None = None
+    ):
+        self.file, self.expected, self.actual = file, expected, actual
+        if reason is None:
+            reason = (
+                f"sha256 is {actual} but the manifest expects {expected}: the file was modified or corrupted. "
+                "Fetch an intact copy of the bundle or re-export it"
+            )
+        super().__init__(f"{file}: {reason}")
+
+
+class UnsafePathError(BundleError):
+    """A path that is absolute, leaves the bundle, or is (or goes through) a symlink, link or special file."""
+
+
+class BundleContentError(BundleError, ValueError):
+    """A file whose hash matches but whose content is unusable (an ONNX that does not parse, a wrong dtype)."""
+
+
+class BundleLookupError(BundleError, LookupError):
+    """No artifact, eval set or report matches a selection, or more than one artifact does."""
+
+
+class AccuracyGateError(EdgesepError):
+    """A compressed (e.g. INT8) model that loses more top-1 accuracy than its gate allows.
+
+    Args:
+        metric: what was measured, e.g. ``"clean"`` or ``"robust[fgsm]"``.
+        before: top-1 accuracy of the reference (fp32) model, in [0, 1].
+        after: top-1 accuracy of the compressed model, in [0, 1].
+        limit: the largest allowed drop, in percentage points.
+        note: extra context for the message (e.g. what auto-exclusion already tried).
+    """
+
+    def __init__(self, metric: str, before: float, after: float, limit: float, *, note: str = ""):
+        self.metric, self.before, self.after, self.limit = str(metric), float(before), float(after), float(limit)
+        self.drop = 100.0 * (self.before - self.after)  # percentage points
+        self.note = note
+        self.report: object | None = None  # the raiser may attach its full report (e.g. a QuantReport)
+        super().__init__(
+            f"accuracy gate failed on {self.metric}: top-1 {100 * self.before:.2f}% -> {100 * self.after:.2f}%, a drop "
+            f"of {self.drop:.2f} percentage points over the limit of {self.limit:.2f}. "
+            + (f"{note}. " if note else "")
+            + "Try --auto-exclude (keep the most sensitive layers in fp32), another --method (minmax, entropy, "
+            "percentile), or more --calib samples"
+        )

@@ -285,12 +285,17 @@ class KronLinear(nn.Module):
         return len(self.in_shape)
 
     def reset_parameters(self) -> None:
-        """Initialize so the dense equivalent has nn.Linear's variance: Var(W_ij) = 1 / (3 N)."""
-        # the variance of a product of independent zero-mean entries is the product of the variances
-        for u in self.factors:
-            # uniform(-b, b) has variance b^2 / 3; the d factors share the 1/3 of nn.Linear's 1 / (3 N)
-            bound = math.sqrt(3.0 ** (1.0 - 1.0 / self.d) / u.shape[1])
-            nn.init.uniform_(u, -bound, bound)
+        """Initialize so the dense equivalent has exactly nn.Linear's RMS, 1 / sqrt(3 N).
+
+        Each factor is drawn uniformly and rescaled to its share of that RMS (RMS of a Kronecker product = product
+        of the factors' RMS). Without the rescale a small factor can come out far from its expected scale: a 1x1
+        channel factor ((1, 8, 8) -> (1, 16, 16)) is a single random scalar, and near zero it silences the layer.
+        """
+        with torch.no_grad():
+            for u in self.factors:
+                nn.init.uniform_(u, -1.0, 1.0)
+                target = (3.0 ** (-1.0 / self.d)) ** 0.5 / math.sqrt(u.shape[1])  # prod_k target_k = 1/sqrt(3N)
+                u.mul_(target / u.pow(2).mean().sqrt().clamp_min(1e-12))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)

@@ -1,0 +1,5 @@
+import sys
+
+from edgesep.cli import main
+
+sys.exit(main())
