@@ -18,13 +18,30 @@ __all__ = ["DEMO_MODELS", "run_demo"]
 DEMO_MODELS = (("dense", "mlp"), ("separable", "kron_mlp"))
 
 
+def _silent(_line: str) -> None:
+    pass
+
+
+def _every_tenth_epoch(log):
+    """Pass through the trainer's lines but only every tenth (and the last) epoch line."""
+
+    def filtered(line: str) -> None:
+        if line.startswith("epoch "):
+            done, total = line.split()[1].split("/")
+            if int(done) % 10 and done != total:
+                return
+        log(line)
+
+    return filtered
+
+
 def run_demo(
     out: str | Path = "runs/demo",
     *,
     epochs: int = 30,
     eps: float = 0.1,
     eval_steps: int = 20,
-    lambda_c: float = 1e-3,
+    lambda_c: float = 1e-2,
     seed: int = 0,
     progress: bool | None = None,
     log=None,
@@ -57,7 +74,7 @@ def run_demo(
         )
         if log:
             log(f"training {label} ({model}) with PGD-{config.adv_steps} eps={eps} for {epochs} epochs -> {run_dir}")
-        m = train(config, run_dir, progress=progress, log=log)
+        m = train(config, run_dir, progress=progress, log=_every_tenth_epoch(log) if log else _silent)
         conds = [layer["condition_number"] for layer in m["kron_layers"]]
         rows.append(
             {

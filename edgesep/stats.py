@@ -60,9 +60,10 @@ def kron_layer_stats(model: nn.Module) -> list[dict[str, Any]]:
 
 def model_stats(model: nn.Module, input_shape: Sequence[int]) -> dict[str, Any]:
     """Parameters (total, fully-connected part), nonzeros, MACs per sample and per-separable-layer statistics."""
-    fc_params = sum(p.numel() for m in model.modules() if _is_fc(m) for p in m.parameters(recurse=False))
+    # KronLinear keeps its factors in a child ParameterList: count each FC layer's whole parameter set
+    fc_params = sum(p.numel() for m in model.modules() if _is_fc(m) for p in m.parameters())
     fc_dense = sum(
-        m.dense_params() if isinstance(m, KronLinear) else sum(p.numel() for p in m.parameters(recurse=False))
+        m.dense_params() if isinstance(m, KronLinear) else sum(p.numel() for p in m.parameters())
         for m in model.modules()
         if _is_fc(m)
     )
