@@ -78,9 +78,7 @@ class SchemaVersionError(BundleError):
 class IntegrityError(BundleError):
     """A bundle file that is missing, not listed in the manifest, or whose size or sha256 differs from it."""
 
-    def __init__(
-        self, file: str, reason: str | None = None, *, expected: str | None = None, actual: str | None = None
-    ):
+    def __init__(self, file: str, reason: str | None = None, *, expected: str | None = None, actual: str | None = None):
         self.file, self.expected, self.actual = file, expected, actual
         if reason is None:
             reason = (
@@ -111,17 +109,21 @@ class AccuracyGateError(EdgesepError):
         after: top-1 accuracy of the compressed model, in [0, 1].
         limit: the largest allowed drop, in percentage points.
         note: extra context for the message (e.g. what auto-exclusion already tried).
+        auto_excluded: auto-exclusion already ran, so the message does not suggest it again.
     """
 
-    def __init__(self, metric: str, before: float, after: float, limit: float, *, note: str = ""):
+    def __init__(
+        self, metric: str, before: float, after: float, limit: float, *, note: str = "", auto_excluded: bool = False
+    ):
         self.metric, self.before, self.after, self.limit = str(metric), float(before), float(after), float(limit)
         self.drop = 100.0 * (self.before - self.after)  # percentage points
         self.note = note
         self.report: object | None = None  # the raiser may attach its full report (e.g. a QuantReport)
+        tries = [] if auto_excluded else ["--auto-exclude (keep the most sensitive layers in fp32)"]
+        tries += ["another --method (minmax, entropy, percentile)", "more --calib samples"]
         super().__init__(
             f"accuracy gate failed on {self.metric}: top-1 {100 * self.before:.2f}% -> {100 * self.after:.2f}%, a drop "
             f"of {self.drop:.2f} percentage points over the limit of {self.limit:.2f}. "
             + (f"{note}. " if note else "")
-            + "Try --auto-exclude (keep the most sensitive layers in fp32), another --method (minmax, entropy, "
-            "percentile), or more --calib samples"
+            + f"Try {', '.join(tries[:-1])} or {tries[-1]}"
         )

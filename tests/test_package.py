@@ -27,7 +27,7 @@ _BLOCK_TORCH = textwrap.dedent(
 
 @pytest.mark.parametrize(
     "module", ["edgesep", "edgesep.export", "edgesep.runtimes", "edgesep.devices", "edgesep.data",
-               "edgesep.attacks.square", "edgesep.errors", "edgesep._io", "edgesep._config"]
+               "edgesep.attacks.square", "edgesep.bundle", "edgesep.errors", "edgesep._io", "edgesep._config"]
 )  # fmt: skip
 def test_device_side_imports_without_torch(module: str) -> None:
     code = _BLOCK_TORCH + f"import {module}\nassert 'torch' not in sys.modules\nprint('ok')\n"
