@@ -43,9 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
-    ap.add_argument(
-        "--rounds", type=int, default=3, help="interleaved rounds; the median over rounds is kept"
-    )
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median over rounds is kept")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -67,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             x_kron = torch.randn(batch, *in_shape)
             x_dense = x_kron.reshape(batch, n_in)  # (B, n_1, ..., n_d) -> (B, N): the dense layer's input
             with torch.no_grad():
-                torch.testing.assert_close(
-                    kron(x_kron).reshape(batch, -1), dense(x_dense), rtol=1e-4, atol=1e-4
-                )
+                torch.testing.assert_close(kron(x_kron).reshape(batch, -1), dense(x_dense), rtol=1e-4, atol=1e-4)
             factors, bias = list(kron.factors), kron.bias
             fns = {
                 "dense": (dense, x_dense),

@@ -31,6 +31,17 @@ _LAZY: dict[str, str] = {
     "op_census": "edgesep.export._graph",
     "simplify": "edgesep.export._graph",
     "stored_tensors": "edgesep.export._graph",
+    # INT8 quantization behind an accuracy gate (onnx / onnxruntime only)
+    "GateRow": "edgesep.export._quantize",
+    "LayerQuant": "edgesep.export._quantize",
+    "QUANT_METHODS": "edgesep.export._quantize",
+    "QuantConfig": "edgesep.export._quantize",
+    "QuantReport": "edgesep.export._quantize",
+    "WEIGHTED_OPS": "edgesep.export._quantize",
+    "layer_sqnr": "edgesep.export._quantize",
+    "quantize_onnx": "edgesep.export._quantize",
+    "sqnr_db": "edgesep.export._quantize",
+    "weighted_nodes": "edgesep.export._quantize",
 }
 
 __all__ = sorted(_LAZY)
