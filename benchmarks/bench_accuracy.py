@@ -26,10 +26,13 @@ from edgesep.runs import load_run, versions
 from edgesep.train import TrainConfig, train
 
 # label -> (model, model_kwargs, lambda_c)
+WIDE = {"hidden_shapes": [[4, 16, 16], [4, 16, 16]]}  # 1024 hidden units as a (4, 16, 16) tensor
 VARIANTS = {
-    "dense": ("mlp", {}, 0.0),
-    "kron": ("kron_mlp", {}, 0.0),
-    "kron+cond": ("kron_mlp", {}, 1e-3),
+    "dense": ("mlp", {}, 0.0),  # 784 -> 256 -> 256 -> 10
+    "kron": ("kron_mlp", {}, 0.0),  # (1, 28, 28) -> (1, 16, 16) -> (1, 16, 16) -> 10
+    "kron+cond": ("kron_mlp", {}, 1e-2),
+    "kron-wide": ("kron_mlp", WIDE, 0.0),
+    "kron-wide+cond": ("kron_mlp", WIDE, 1e-2),
 }
 
 

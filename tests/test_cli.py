@@ -55,6 +55,10 @@ def test_train_then_eval_writes_json(tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["n"] == 100 and 0 <= out["robust"][0]["accuracy"] <= out["clean"] <= 1
+    # attacks without steps (FGSM) take the same command line; --steps only applies to PGD
+    r = _cli("eval", str(tmp_path / "run"), "--attack", "fgsm", "--eps", "0.1", "--n", "100")
+    assert r.returncode == 0, r.stderr
+    assert "fgsm linf eps=0.1" in r.stdout
 
 
 def test_demo_runs_and_prints_the_comparison(tmp_path):
