@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             "export_s": t_export,  # torch.export + ONNX translation + onnxsim + checks
             "quantize_s": t_quant,  # pre-process + calibration + QDQ + gate + SQNR
             "census": rep.census_after,
+            "quantization": q.to_dict(),
             "size_fp32": fp32.stat().st_size,
             "size_int8": int8.stat().st_size,
             "accuracy": {"torch": torch_acc, "ort_fp32": _accuracy(s32, x_eval, y_eval),

@@ -13,6 +13,11 @@ from rich.table import Table
 
 from edgesep.errors import ConfigError, EdgesepError
 
+
+class CheckFailedError(EdgesepError):
+    """`edgesep check` found errors: exit non-zero so scripts and CI can gate on it."""
+
+
 app = typer.Typer(
     name="edgesep",
     help="Robust, lightweight neural networks from training to edge devices.",
@@ -209,6 +214,236 @@ def demo_cmd(
         f"robust accuracy {sep['robust_accuracy'] - dense['robust_accuracy']:+.3f} vs dense "
         f"({rows[0]['attack']}, {rows[0]['eval_n']} test images); runs in {out}"
     )
+
+
+def _table(title: str | None, rows: list[list[str]], left: int = 1) -> Table:
+    """A rich table from a header row and text rows; the first ``left`` columns are left-aligned."""
+    from rich.markup import escape
+
+    # cells such as "robust[pgd-linf-0.1-10]" would otherwise be read as rich markup tags and vanish
+    table = Table(title=None if title is None else escape(title))
+    for i, col in enumerate(rows[0]):
+        table.add_column(escape(col), justify="left" if i < left else "right")
+    for row in rows[1:]:
+        table.add_row(*(escape(c) for c in row))
+    return table
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+@app.command("export")
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `edgesep train`.")],
+    out: Annotated[Path, typer.Option("--out", help="Bundle directory to write, e.g. models/kron.bundle.")],
+    eval_sets: Annotated[
+        str,
+        typer.Option(
+            "--eval-sets",
+            help="Comma-separated eval sets: 'clean:N' and attack specs with an optional '@N' count, e.g. "
+            "'clean:1000,pgd:linf:0.1:40@1000' (N defaults to 1000).",
+        ),
+    ] = "clean:1000",
+    batch: Annotated[int | None, typer.Option(help="Static batch size (default: a symbolic batch axis).")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset: 17, 18 or 20.")] = 18,
+    n_reference: Annotated[int, typer.Option(help="Reference inputs stored with their torch logits.")] = 16,
+    data_dir: DataDir = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
+) -> None:
+    """Export a run to a bundle: fp32 ONNX (checked against torch), eval sets, reference outputs, provenance."""
+    import warnings
+
+    from edgesep.export import export_run
+
+    # torch.export's pytree code warns about its own deprecated LeafSpec on every export: noise for a user
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+
+    bundle = export_run(
+        run, out, eval_sets=eval_sets, batch=batch, opset=opset, n_reference=n_reference, overwrite=overwrite,
+        data_dir=data_dir, progress=sys.stderr.isatty(), log=_log,
+    )  # fmt: skip
+    prov = bundle.manifest.provenance
+    exp, par = prov["export"], prov["parity"]
+    before, after = exp["census_before"], exp["census_after"]
+    census = [["op", "exported", "written"]]
+    census += [[op, str(before.get(op, 0)), str(after.get(op, 0))] for op in sorted({*before, *after})]
+    census.append(["total", str(sum(before.values())), str(sum(after.values()))])
+    out_console.print(_table(f"ONNX op census (opset {exp['opset']})", census))
+    out_console.print(
+        f"parity with torch on {par['n']} images ({par['images']}): max abs err {par['max_abs_err']:.2e}, "
+        f"max rel err {par['max_rel_err']:.2e}, top-1 agreement {100 * par['top1_agreement']:.2f}%",
+        highlight=False,
+        markup=False,
+    )
+    report = bundle.load_report("export")
+    sets = [["eval set", "kind", "attack", "n", "torch fp32 top-1 %", "robust %"]]
+    for r in report["eval_sets"]:
+        sets.append(
+            [r["id"], r["kind"], r["spec"], str(r["n"]), _pct(r["accuracy_torch_fp32"]),
+             _pct(r["robust_accuracy_torch_fp32"])]
+        )  # fmt: skip
+    out_console.print(_table("eval sets (crafted on the float torch model)", sets, left=3))
+    size = sum(f.size for f in bundle.manifest.files())
+    out_console.print(f"bundle {bundle.name!r}: {bundle.root} ({size:,} bytes)", highlight=False, markup=False)
+
+
+@app.command("quantize")
+def quantize_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory written by `edgesep export`.")],
+    calib: Annotated[int, typer.Option(help="Calibration images (the first N of the training split).")] = 512,
+    method: Annotated[str, typer.Option(help="Calibration: minmax | entropy | percentile.")] = "minmax",
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option("--exclude", help="Keep nodes fp32 whose name or op type matches (fnmatch; repeatable)."),
+    ] = None,
+    auto_exclude: Annotated[
+        bool, typer.Option(help="On a failed gate, keep the lowest-SQNR layers fp32 one by one.")
+    ] = False,
+    max_drop: Annotated[float, typer.Option(help="Largest clean top-1 drop, percentage points.")] = 1.0,
+    max_robust_drop: Annotated[
+        float, typer.Option(help="Largest top-1 drop on each adversarial eval set, percentage points.")
+    ] = 2.0,
+    data_dir: DataDir = None,
+) -> None:
+    """Quantize a bundle's fp32 ONNX to INT8 (QDQ) and add it only if it passes the accuracy gate."""
+    from edgesep.errors import AccuracyGateError
+    from edgesep.export import quantize_bundle
+
+    try:
+        report = quantize_bundle(
+            bundle, calib=calib, method=method, exclude=tuple(exclude or ()), auto_exclude=auto_exclude,
+            max_drop=max_drop, max_robust_drop=max_robust_drop, data_dir=data_dir, log=_log,
+        )  # fmt: skip
+    except AccuracyGateError as e:
+        if e.report is not None:  # show what was measured, then the one-line error
+            _print_quant_report(e.report)
+        raise
+    _print_quant_report(report)
+    out_console.print(f"added model.int8.onnx to {bundle}", highlight=False, markup=False)
+
+
+def _print_quant_report(report: Any) -> None:
+    rows = report.rows()
+    status = "passed" if report.passed else "FAILED"
+    out_console.print(
+        f"INT8 QDQ, {report.method}, {'per-channel' if report.per_channel else 'per-tensor'} weights, calibration "
+        f"on {report.calib_n} training images: gate {status} after {report.attempts} attempt(s)",
+        highlight=False,
+        markup=False,
+    )
+    out_console.print(_table("accuracy: fp32 vs int8 (ONNX Runtime)", rows["gate"]))
+    out_console.print(_table("per-layer SQNR", rows["layers"], left=2))
+    kept = ", ".join(report.kept_fp32) or "none"
+    excluded = ", ".join(report.excluded) or "none"
+    out_console.print(
+        f"kept in fp32: {kept} (auto), {excluded} (--exclude); size {report.size_fp32:,} -> {report.size_int8:,} "
+        f"bytes ({report.compression:.2f}x)",
+        highlight=False,
+        markup=False,
+    )
+
+
+@app.command("inspect")
+def inspect_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory or .tar.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Verify a bundle and summarize it: specs, artifacts, eval sets, provenance, op census, size."""
+    from edgesep.export import inspect_bundle
+
+    info = inspect_bundle(bundle)
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        return
+    inp, outp, prov = info["input"], info["output"], info["provenance"]
+    out_console.print(
+        f"bundle {info['name']!r} at {info['path']}: verified (every file's sha256 matches the manifest)\n"
+        f"schema {info['schema_version']}, written by edgesep {info['edgesep_version']} on {info['created']}",
+        highlight=False,
+        markup=False,
+    )
+    out_console.print(
+        f"input {inp['name']} {inp['shape']} {inp['dtype']} in {inp.get('range')} -> output {outp['name']} "
+        f"{outp['shape']}, {len(info['classes'])} classes",
+        highlight=False,
+        markup=False,
+    )
+    out_console.print(
+        f"provenance: {prov['model']} on {prov['dataset']}, {_fmt(prov['params'])} params "
+        f"({_fmt(prov['fc_params'])} FC), {_fmt(prov['macs'])} MACs, opset {_fmt(prov['opset'])}, "
+        f"checkpoint sha256 {str(prov['checkpoint_sha256'])[:12]}",
+        highlight=False,
+        markup=False,
+    )
+    arts = [["id", "file", "kind", "precision", "target", "size", "sha256"]]
+    for a in info["artifacts"]:
+        arts.append([a["id"], a["file"], a["kind"], a["precision"], a["target"], f"{a['size']:,}", a["sha256"][:12]])
+    out_console.print(_table("artifacts", arts, left=5))
+    sets = [["id", "kind", "attack", "norm", "eps", "steps", "crafted on", "n", "torch fp32 top-1 %"]]
+    for e in info["eval_sets"]:
+        sets.append(
+            [e["id"], e["kind"], _fmt(e["attack"]), _fmt(e["norm"]), "-" if e["eps"] is None else f"{e['eps']:g}",
+             _fmt(e["steps"]), _fmt(e["crafted_on"]), str(e["n"]), _pct(e["accuracy_torch_fp32"])]
+        )  # fmt: skip
+    out_console.print(_table("eval sets", sets, left=7))
+    if info["quantization"]:
+        q = info["quantization"]
+        gate = [["metric", "n", "fp32 %", "int8 %", "drop pp", "ok"]]
+        for r in q["gate"]:
+            gate.append(
+                [r["metric"], str(r["n"]), _pct(r["fp32"]), _pct(r["int8"]), f"{r['drop_pp']:.2f}",
+                 "yes" if r["ok"] else "NO"]
+            )  # fmt: skip
+        out_console.print(_table(f"int8 gate ({q['method']})", gate))
+    census = info["op_census"]
+    if census:
+        ids = list(census)
+        ops = sorted({op for c in census.values() for op in c})
+        rows = [["op", *ids]] + [[op, *(str(census[i].get(op, 0)) for i in ids)] for op in ops]
+        rows.append(["total", *(str(sum(census[i].values())) for i in ids)])
+        out_console.print(_table("op census", rows))
+    elif census is None:
+        out_console.print("op census skipped: onnx is not installed", highlight=False, markup=False)
+    ref = info["reference"]
+    out_console.print(
+        f"reference: {ref['n'] if ref else 0} inputs with fp32 logits; reports: {', '.join(info['reports']) or 'none'}",
+        highlight=False,
+        markup=False,
+    )
+    out_console.print(f"total size {info['total_size']:,} bytes", highlight=False, markup=False)
+
+
+@app.command("check")
+def check_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory (or .tar).")],
+    for_: Annotated[str, typer.Option("--for", help="tensorrt | tvm")] = "tensorrt",
+    artifact: Annotated[str | None, typer.Option(help="Artifact id (default: every ONNX artifact).")] = None,
+    trt_version: Annotated[str, typer.Option(help="TensorRT version to check against (JetPack 6: 10.3).")] = "10.3",
+    tvm_target: Annotated[str, typer.Option(help="TVM target kind for the dry run.")] = "llvm",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the reports as JSON here.")] = None,
+) -> None:
+    """Offline check of a bundle's ONNX artifacts against TensorRT's operator support or a TVM import dry run."""
+    from rich.markup import escape
+
+    from edgesep._io import atomic_write_json
+    from edgesep.export import check_bundle
+
+    if for_ not in ("tensorrt", "tvm"):
+        raise ConfigError(f"--for must be tensorrt or tvm, got {for_!r}")
+    reports = check_bundle(bundle, for_, artifact_id=artifact, trt_version=trt_version, tvm_target=tvm_target)
+    for report in reports:
+        head, *rest = report.lines()
+        style = "green" if report.ok else "bold red"
+        out_console.print(f"[{style}]{escape(head)}[/]")
+        for line in rest:
+            out_console.print(escape(line), highlight=False)
+    if json_out:
+        atomic_write_json(json_out, [r.to_dict() for r in reports])
+        _log(f"wrote {json_out}")
+    failing = [r.artifact or r.model for r in reports if not r.ok]
+    if failing:
+        raise CheckFailedError(f"{', '.join(map(str, failing))} would fail on {for_}; see the errors above")
 
 
 def main(argv: list[str] | None = None) -> int:

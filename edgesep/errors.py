@@ -18,6 +18,7 @@ __all__ = [
     "EdgesepError",
     "IntegrityError",
     "ManifestError",
+    "ParityError",
     "SchemaVersionError",
     "ShapeMismatchError",
     "UnknownNameError",
@@ -126,4 +127,25 @@ class AccuracyGateError(EdgesepError):
             f"of {self.drop:.2f} percentage points over the limit of {self.limit:.2f}. "
             + (f"{note}. " if note else "")
             + f"Try {', '.join(tries[:-1])} or {tries[-1]}"
+        )
+
+
+class ParityError(EdgesepError):
+    """An exported model whose outputs differ from the torch model's beyond the tolerance.
+
+    Args:
+        what: the file or artifact checked, e.g. ``"model.onnx"``.
+        n: inputs compared.
+        max_rel_err: largest absolute error over the largest absolute torch output.
+        top1_agreement: fraction of inputs with the same top-1 class, in [0, 1].
+        rtol: the tolerance on ``max_rel_err``.
+    """
+
+    def __init__(self, what: str, n: int, max_rel_err: float, top1_agreement: float, rtol: float):
+        self.what, self.n = str(what), int(n)
+        self.max_rel_err, self.top1_agreement, self.rtol = float(max_rel_err), float(top1_agreement), float(rtol)
+        super().__init__(
+            f"{self.what} does not match the torch model on {self.n} images: max relative error "
+            f"{self.max_rel_err:.3g} (limit {self.rtol:.0e}), top-1 agreement {100 * self.top1_agreement:.2f}% "
+            "(must be 100%). Re-export at another --opset, or report the model: an op is lowered incorrectly"
         )

@@ -42,6 +42,25 @@ _LAZY: dict[str, str] = {
     "quantize_onnx": "edgesep.export._quantize",
     "sqnr_db": "edgesep.export._quantize",
     "weighted_nodes": "edgesep.export._quantize",
+    # run directory -> bundle, INT8 into a bundle, bundle summary (torch / onnx imported inside the functions)
+    "DEFAULT_EVAL_N": "edgesep.export._pipeline",
+    "EVAL_SETS_SYNTAX": "edgesep.export._pipeline",
+    "EvalSetSpec": "edgesep.export._pipeline",
+    "PARITY_N": "edgesep.export._pipeline",
+    "PARITY_RTOL": "edgesep.export._pipeline",
+    "export_run": "edgesep.export._pipeline",
+    "inspect_bundle": "edgesep.export._pipeline",
+    "parse_eval_sets": "edgesep.export._pipeline",
+    "quantize_bundle": "edgesep.export._pipeline",
+    # offline deployability checks for TensorRT / TVM (onnx; TVM imported by check_tvm only)
+    "BackendMissingError": "edgesep.export._check",
+    "CheckReport": "edgesep.export._check",
+    "Issue": "edgesep.export._check",
+    "TRT_VERSIONS": "edgesep.export._check",
+    "check_bundle": "edgesep.export._check",
+    "check_tensorrt": "edgesep.export._check",
+    "check_tvm": "edgesep.export._check",
+    "trt_op_support": "edgesep.export._check",
 }
 
 __all__ = sorted(_LAZY)

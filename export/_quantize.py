@@ -735,6 +735,9 @@ def _calibrate(pre: Path, reader: _BatchReader, method: str, cache: Path) -> Non
 _HAS_CALIB_CACHE = "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
 
+_TRT_COMPATIBLE = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+
+
 def _quantize_static(pre: Path, dst: Path, config: QuantConfig, exclude: Sequence[str], cache: Path) -> onnx.ModelProto:
     """ORT's quantize_static (QDQ, int8 / int8) with the calibrated ranges in ``cache``; returns the tidied model."""
     if not _HAS_CALIB_CACHE:
@@ -754,6 +757,9 @@ def _quantize_static(pre: Path, dst: Path, config: QuantConfig, exclude: Sequenc
             calibrate_method=_CALIBRATION[config.method],
             nodes_to_exclude=list(exclude),
             calibration_cache_path=os.fspath(cache),
+            # TensorRT builds INT8 kernels only from symmetric Q/DQ (zero point 0) and rejects INT32 bias
+            # DequantizeLinear nodes: keep biases float (the int8 GEMM/conv adds them in its epilogue)
+            extra_options=dict(_TRT_COMPATIBLE),
         )
     model = onnx.load(os.fspath(dst))
     _strip_unused_opsets(model)
