@@ -10,8 +10,10 @@ import ast
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import math
 import os
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -213,6 +215,21 @@ def _write_checked(model: onnx.ModelProto, path: Path) -> None:
 # export
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence what torch's exporter prints on every call that a user cannot act on: 'torchvision is not
+    installed' lines from its op registry, and torch.export's warning about its own deprecated LeafSpec."""
+    reg = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = reg.level
+    reg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        reg.setLevel(level)
+
+
 def export_onnx(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -272,18 +289,19 @@ def export_onnx(
                 f"the model does not accept inputs of per-sample shape {shape} (batch of {x.shape[0]}): {e}. "
                 "Pass input_shape without the batch axis, e.g. (1, 28, 28)"
             ) from e
-        program = torch.onnx.export(
-            model,
-            (x,),
-            dynamo=True,
-            opset_version=max(opset, _NATIVE_OPSET),
-            input_names=[input_name],
-            output_names=[output_name],
-            dynamic_shapes=({0: torch.export.Dim(_BATCH_DIM)},) if batch is None else None,
-            custom_translation_table=translation_table(),
-            optimize=False,  # optimized below, after the raw op census
-            verbose=False,
-        )
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                model,
+                (x,),
+                dynamo=True,
+                opset_version=max(opset, _NATIVE_OPSET),
+                input_names=[input_name],
+                output_names=[output_name],
+                dynamic_shapes=({0: torch.export.Dim(_BATCH_DIM)},) if batch is None else None,
+                custom_translation_table=translation_table(),
+                optimize=False,  # optimized below, after the raw op census
+                verbose=False,
+            )
     census_before = _graph.op_census(program.model_proto)  # the raw lowering: Transpose(U_k) not yet folded
     program.optimize()  # torch's default pass (onnxscript optimizer): constant folding, dead-code removal
     proto = program.model_proto

@@ -67,3 +67,11 @@ def test_demo_runs_and_prints_the_comparison(tmp_path):
     assert "dense (mlp)" in r.stdout and "separable (kron_mlp)" in r.stdout
     assert "fewer FC parameters" in r.stdout
     assert (tmp_path / "demo" / "separable" / "metrics.json").is_file()
+    # the deployment half: bundles that verify, INT8 artifacts where the gate passed, ONNX Runtime timings
+    assert "deployment: ONNX bundles" in r.stdout
+    from edgesep.bundle import open_bundle
+
+    for label in ("dense", "separable"):
+        bundle = open_bundle(tmp_path / "demo" / f"{label}.bundle")
+        assert bundle.artifact(precision="fp32").file == "model.onnx"
+        assert {e.kind for e in bundle.manifest.eval_sets} == {"clean", "adversarial"}
