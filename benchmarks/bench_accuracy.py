@@ -33,14 +33,19 @@ VARIANTS = {
     "kron+cond": ("kron_mlp", {}, 1e-2),
     "kron-wide": ("kron_mlp", WIDE, 0.0),
     "kron-wide+cond": ("kron_mlp", WIDE, 1e-2),
+    # the FC head of a small CNN: conv features (32, 7, 7) keep channel structure for the Kronecker factors
+    "cnn-dense": ("cnn_small", {}, 0.0),  # Linear(1568 -> 128) head
+    "cnn-kron": ("kron_cnn_small", {}, 0.0),  # KronLinear((32, 7, 7) -> (8, 4, 4)) head
+    "cnn-kron+cond": ("kron_cnn_small", {}, 1e-2),
 }
+MLP_VARIANTS = ["dense", "kron", "kron+cond", "kron-wide", "kron-wide+cond"]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", type=Path, default=Path("../shared/data"))
     ap.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=MLP_VARIANTS, choices=list(VARIANTS))
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--adv", default="pgd", choices=["pgd", "fgsm"])

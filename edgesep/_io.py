@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "sha256_file"]
+import numpy as np
+
+__all__ = ["atomic_write_bytes", "atomic_write_json", "jsonable", "sha256_file"]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -39,3 +43,28 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def jsonable(v: Any) -> Any:
+    """Plain JSON types: config objects through their ``to_dict``, dataclasses field by field, numpy scalars as
+    Python numbers, non-finite floats (an infinite condition number, an SQNR without noise) as None, anything else
+    that JSON cannot hold as its ``str``."""
+    from edgesep._config import SerializableConfig
+
+    if isinstance(v, SerializableConfig):
+        return v.to_dict()
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [jsonable(x) for x in v]
+    if isinstance(v, bool | np.bool_):
+        return bool(v)
+    if isinstance(v, int | np.integer):
+        return int(v)
+    if isinstance(v, float | np.floating):
+        return float(v) if math.isfinite(v) else None
+    if v is None or isinstance(v, str):
+        return v
+    return str(v)

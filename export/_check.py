@@ -58,7 +58,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import math
 import os
 import re
 import time
@@ -72,6 +71,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgesep._io import jsonable
 from edgesep.errors import BundleLookupError, ConfigError, EdgesepError
 from edgesep.export import _graph
 
@@ -567,7 +567,7 @@ class CheckReport:
             "issues": [i.to_dict() for i in self.issues],
             "census": dict(self.census),
             "source": self.source,
-            "options": _jsonable(self.options),
+            "options": jsonable(self.options),
             "seconds": round(self.seconds, 4),
         }
 
@@ -581,22 +581,6 @@ class CheckReport:
             f"({n['error']} errors, {n['warning']} warnings, {n['info']} notes)"
         )
         return [head, *(f"  {i}" for i in self.issues)]
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return float(v) if math.isfinite(v) else None
-    if v is None or isinstance(v, str):
-        return v
-    return str(v)
 
 
 _ORDER = {s: i for i, s in enumerate(SEVERITIES)}

@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -54,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgesep._io import sha256_file
+from edgesep._io import jsonable, sha256_file
 from edgesep.bundle import MANIFEST_NAME, Bundle, create_bundle, open_bundle
 from edgesep.errors import BundleError, ConfigError, EdgesepError, ParityError
 
@@ -182,21 +181,6 @@ def parse_eval_sets(spec: str) -> list[EvalSetSpec]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _finite(v: Any) -> Any:
-    """Plain JSON with non-finite floats (an infinite condition number) as None."""
-    if isinstance(v, dict):
-        return {str(k): _finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return float(v) if math.isfinite(v) else None
-    return v
 
 
 def _stored_data_dir(provenance_or_config: dict[str, Any], key: str) -> str | None:
@@ -376,7 +360,7 @@ def export_run(
 
         stats = model_stats(model, input_shape)
         export_dict = {**report.to_dict(), "path": "model.onnx"}
-        provenance = _finite(
+        provenance = jsonable(
             {
                 "model": config["model"],
                 "model_kwargs": config.get("model_kwargs", {}),
@@ -487,7 +471,7 @@ def export_run(
         used = max([r["n"] for r in rows] + [min(n_ref, n_test)])
         bundle.add_report(
             "export",
-            _finite(
+            jsonable(
                 {
                     "run_dir": os.fspath(run_dir),
                     "eval_order": {

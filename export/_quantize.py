@@ -72,7 +72,7 @@ from onnxruntime.quantization import (
 )
 
 from edgesep._config import SerializableConfig, register_config
-from edgesep._io import atomic_write_bytes, sha256_file
+from edgesep._io import atomic_write_bytes, jsonable, sha256_file
 from edgesep.errors import AccuracyGateError, ConfigError, ShapeMismatchError
 from edgesep.export import _graph
 
@@ -214,25 +214,6 @@ class LayerQuant:
     sensitivity_db: float | None
 
 
-def _jsonable(v: Any) -> Any:
-    """Plain JSON types; non-finite floats (an SQNR without noise) become None."""
-    if isinstance(v, SerializableConfig):
-        return v.to_dict()
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return {f.name: _jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return float(v) if math.isfinite(v) else None
-    return v
-
-
 def _fmt_db(v: float | None) -> str:
     if v is None:
         return "-"
@@ -315,7 +296,7 @@ class QuantReport:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (strict JSON: an SQNR without noise is None); ``config`` as ``{"_type", ...}``."""
-        d = _jsonable(self)
+        d = jsonable(self)
         d["method"], d["per_channel"] = self.method, self.per_channel
         return d
 
