@@ -468,6 +468,13 @@ def check_cmd(
         raise CheckFailedError(f"{', '.join(map(str, failing))} would fail on {for_}; see the errors above")
 
 
+# commands that live in their own modules (one per pipeline stage)
+from edgesep import _cli_compile, _cli_device  # noqa: E402
+
+_cli_compile.register(app)
+_cli_device.register(app)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: typed user errors become one red line and exit code 2."""
     try:
