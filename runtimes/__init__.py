@@ -1,6 +1,15 @@
 """edgesep.runtimes: one small Runtime interface over ONNX Runtime, TVM and TensorRT (numpy + that backend).
 
-Not implemented yet (see the runtimes issue). The package exists so the layout and import names are fixed.
+``import edgesep.runtimes`` needs numpy only; each backend module imports its own runtime when it is used.
 """
 
-__all__: list[str] = []
+from edgesep.runtimes._base import (
+    ARTIFACT_KINDS,
+    BackendMissingError,
+    Runtime,
+    get_backend,
+    list_backends,
+    register_backend,
+)
+
+__all__ = ["ARTIFACT_KINDS", "BackendMissingError", "Runtime", "get_backend", "list_backends", "register_backend"]
