@@ -9,6 +9,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "AccuracyGateError",
+    "BackendMissingError",
     "BundleContentError",
     "BundleError",
     "BundleLookupError",
@@ -149,3 +150,7 @@ class ParityError(EdgesepError):
             f"{self.max_rel_err:.3g} (limit {self.rtol:.0e}), top-1 agreement {100 * self.top1_agreement:.2f}% "
             "(must be 100%). Re-export at another --opset, or report the model: an op is lowered incorrectly"
         )
+
+
+class BackendMissingError(EdgesepError, ImportError):
+    """A backend's runtime package (onnxruntime, Apache TVM, TensorRT) is not installed on this machine."""

@@ -72,7 +72,7 @@ import onnx
 from onnx import numpy_helper
 
 from edgesep._io import jsonable
-from edgesep.errors import BundleLookupError, ConfigError, EdgesepError
+from edgesep.errors import BackendMissingError, BundleLookupError, ConfigError
 from edgesep.export import _graph
 
 __all__ = [
@@ -475,10 +475,6 @@ def trt_op_support(op_type: str, trt_version: str = DEFAULT_TRT_VERSION) -> dict
 
 # ----------------------------------------------------------------------------------------------------------------
 # report
-
-
-class BackendMissingError(EdgesepError, ImportError):
-    """A check needs a backend package (e.g. Apache TVM) that is not installed."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from edgesep.errors import EdgesepError, UnknownNameError
+from edgesep.errors import BackendMissingError, UnknownNameError
 
 __all__ = [
     "ARTIFACT_KINDS",
@@ -38,14 +38,6 @@ ARTIFACT_KINDS: dict[str, tuple[str, ...]] = {
     "tensorrt": ("trt-onnx", "onnx"),
 }
 _REGISTRY: dict[str, type[Runtime]] = {}
-
-
-class BackendMissingError(EdgesepError):
-    """The backend's runtime package is not installed on this machine."""
-
-    def __init__(self, backend: str, hint: str):
-        self.backend = backend
-        super().__init__(f"the {backend} backend is not available here: {hint}")
 
 
 class Runtime(ABC):
