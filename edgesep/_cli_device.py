@@ -2,10 +2,87 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
+from edgesep.errors import ConfigError
+
 __all__ = ["register"]
+
+device_app = typer.Typer(
+    name="device",
+    help="Devices: emulated ARM roots (and, later, profiles, transports and the on-device runner).",
+    no_args_is_help=True,
+)
+EMULATED_ARCHS = ("arm64",)
+
+
+@device_app.command("emulate")
+def emulate_cmd(
+    arch: Annotated[str, typer.Argument(help="Architecture to emulate: arm64 (aarch64 Debian under qemu-user).")],
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            "--root",
+            help="Directory of the root (created, resumed or repaired). "
+            "Default: $EDGESEP_ARM64_ROOT, else ~/.cache/edgesep/arm64-root.",
+        ),
+    ] = None,
+    mirror: Annotated[
+        str | None, typer.Option(help="Debian mirror URL (default: the one apt's own sources use).")
+    ] = None,
+    wheel_cache: Annotated[
+        Path | None,
+        typer.Option(help="Where downloaded aarch64 wheels are kept (default ~/.cache/edgesep/wheels-aarch64)."),
+    ] = None,
+    versions: Annotated[
+        bool, typer.Option(help="Run python in the root to report its numpy / ONNX Runtime / TVM (about 20 s).")
+    ] = True,
+) -> None:
+    """Build a Debian arm64 root with python and the aarch64 runtimes, run under qemu: for correctness, not timing."""
+    from edgesep.cli import err_console, out_console
+    from edgesep.devices.emulate import (
+        build_arm64_root,
+        default_root,
+        describe_root,
+        missing_host_tools,
+    )
+
+    if arch not in EMULATED_ARCHS:
+        raise ConfigError(f"cannot emulate {arch!r}; supported: {', '.join(EMULATED_ARCHS)}")
+    root = root or default_root()
+
+    def log(line: str) -> None:  # paths and commands stay on one line (soft_wrap), whatever the terminal width
+        err_console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    build_arm64_root(root, mirror=mirror, wheel_cache=wheel_cache, progress=sys.stderr.isatty(), log=log)
+    info = describe_root(root, versions=versions)
+    lines = [
+        f"arm64 root {info['root']}: {info['size_bytes'] / 1e6:,.0f} MB, recipe {info['recipe']}, "
+        f"built {info['built']}",
+        f"wheels: {', '.join(info['wheels'])}",
+    ]
+    if versions:
+        lines.append(
+            f"inside the root ({info['machine']}, under qemu): python {info['python']}, numpy {info['numpy']}, "
+            f"onnxruntime {info['onnxruntime']}, tvm {info['tvm']}"
+        )
+    if missing_host_tools(["aarch64-linux-gnu-gcc"]):
+        lines.append(
+            "note: aarch64-linux-gnu-gcc is missing; cross-compiling TVM libraries for this device needs "
+            "`apt-get install -y gcc-aarch64-linux-gnu`"
+        )
+    lines.append(
+        f"run code there: chroot {info['root']} /usr/bin/qemu-aarch64-static /usr/bin/python3.11 ... "
+        "(or edgesep.devices.emulate.run_in_root); timings under qemu are meaningless"
+    )
+    for line in lines:
+        out_console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to `app`."""
+    app.add_typer(device_app, name="device")
