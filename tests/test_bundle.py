@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -44,6 +43,7 @@ from edgesep.errors import (
     UnsafePathError,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c"]
 W = np.arange(12, dtype=np.float32).reshape(4, 3) / 10  # (C*H*W, classes)
 
