@@ -72,6 +72,7 @@ __all__ = [
     "TensorSpec",
     "create_bundle",
     "open_bundle",
+    "open_bundle_for_writing",
     "pack",
 ]
 
@@ -1289,6 +1290,24 @@ def create_bundle(
     )
     _write_manifest(p, manifest)
     return Bundle(p.resolve(), manifest)
+
+
+def open_bundle_for_writing(path: str | os.PathLike, action: str, *, deep_onnx: bool = False) -> Bundle:
+    """Open (and verify) a bundle *directory* that ``action`` will add files to.
+
+    Raises:
+        BundleError: the path is a ``.tar`` (extract it first) or does not exist (export one first).
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise BundleError(
+            f"{p} is not a bundle directory; {action} writes into the bundle, so extract a .tar first"
+            if p.is_file()
+            else f"{p} does not exist; create it with `edgesep export RUN --out {p}`"
+        )
+    bundle = open_bundle(p, verify=False)
+    bundle.verify(deep_onnx=deep_onnx)
+    return bundle
 
 
 def open_bundle(

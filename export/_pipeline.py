@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgesep._io import jsonable, sha256_file
-from edgesep.bundle import MANIFEST_NAME, Bundle, create_bundle, open_bundle
+from edgesep.bundle import MANIFEST_NAME, Bundle, create_bundle, open_bundle, open_bundle_for_writing
 from edgesep.errors import BundleError, ConfigError, EdgesepError, ParityError
 
 if TYPE_CHECKING:
@@ -545,13 +545,7 @@ def quantize_bundle(
     log = log or _stderr_log
     calib = _positive_int(calib, "calib")
     path = Path(bundle_path)
-    if not path.is_dir():
-        raise BundleError(
-            f"{path} is not a bundle directory; quantize writes into the bundle, so extract a .tar first"
-            if path.is_file()
-            else f"{path} does not exist; create it with `edgesep export RUN --out {path}`"
-        )
-    bundle = open_bundle(path)
+    bundle = open_bundle_for_writing(path, "quantize")
 
     import onnxruntime as ort
 

@@ -76,7 +76,6 @@ from edgesep import __version__
 from edgesep._io import atomic_write_bytes, sha256_file
 from edgesep.errors import (
     BackendMissingError,
-    BundleError,
     BundleLookupError,
     ConfigError,
     EdgesepError,
@@ -471,17 +470,11 @@ def prepare_tensorrt(
         import onnx
     except ImportError as e:  # pragma: no cover - the export extra is installed wherever bundles are made
         raise BackendMissingError("prepare_tensorrt needs the onnx package: pip install 'edgesep[export]'") from e
-    from edgesep.bundle import open_bundle
+    from edgesep.bundle import open_bundle_for_writing
     from edgesep.export._check import check_tensorrt
 
     path = Path(bundle_path)
-    if not path.is_dir():
-        raise BundleError(
-            f"{path} is not a bundle directory; prepare_tensorrt writes into the bundle, so extract a .tar first"
-            if path.is_file()
-            else f"{path} does not exist; create it with `edgesep export RUN --out {path}`"
-        )
-    with open_bundle(path) as bundle:
+    with open_bundle_for_writing(path, "prepare_tensorrt") as bundle:
         src_precision = "int8" if precision == "int8" else "fp32"
         try:
             src = bundle.artifact(kind="onnx", precision=src_precision)

@@ -67,7 +67,6 @@ import numpy as np
 from edgesep.errors import (
     BackendMissingError,
     BundleContentError,
-    BundleError,
     BundleLookupError,
     ConfigError,
     EdgesepError,
@@ -427,21 +426,6 @@ def _stderr_log(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def _open_for_write(bundle_path: str | os.PathLike) -> Any:
-    from edgesep.bundle import open_bundle
-
-    path = Path(bundle_path)
-    if not path.is_dir():
-        raise BundleError(
-            f"{path} is not a bundle directory; compile writes the library into the bundle, so extract a .tar first"
-            if path.is_file()
-            else f"{path} does not exist; create it with `edgesep export RUN --out {path}`"
-        )
-    bundle = open_bundle(path, verify=False)
-    bundle.verify(deep_onnx=True)
-    return bundle
-
-
 def _parity_inputs(bundle: Any, n: int) -> tuple[np.ndarray, str]:
     """Up to ``n`` images of the first clean eval set (else the reference inputs), and where they came from."""
     for e in bundle.manifest.eval_sets:
@@ -511,7 +495,9 @@ def compile_tvm(
             f"compile_tvm imports ONNX and checks the build against ONNX Runtime ({e}); pip install 'edgesep[export]'"
         ) from e
 
-    bundle = _open_for_write(bundle_path)
+    from edgesep.bundle import open_bundle_for_writing
+
+    bundle = open_bundle_for_writing(bundle_path, "compile", deep_onnx=True)
     try:
         src = bundle.artifact(kind="onnx", precision=precision)
     except BundleLookupError as e:
