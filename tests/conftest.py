@@ -37,3 +37,24 @@ def pytest_configure(config) -> None:
         except ImportError:
             return
         torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """``tiny_run(model="kron_mlp") -> run dir``: a model trained for 2 epochs on digits, once per session and model.
+
+    Shared by the export, runtime, example and device tests; treat the directory as read-only (export from it, or
+    copy it first).
+    """
+    runs: dict[str, Path] = {}
+
+    def make(model: str = "kron_mlp") -> Path:
+        if model not in runs:
+            from edgesep.train import TrainConfig, train
+
+            out = tmp_path_factory.mktemp(f"tiny_run_{model}") / "run"
+            train(TrainConfig(model=model, dataset="digits", epochs=2, lr=1e-2, eval_n=0), out, log=lambda _: None)
+            runs[model] = out
+        return runs[model]
+
+    return make

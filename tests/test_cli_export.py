@@ -18,7 +18,6 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 pytest.importorskip("onnxsim")
 
-from edgesep.train import TrainConfig, train
 
 ADV_ID = "pgd-linf-0.1-5"
 
@@ -30,15 +29,13 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cli_export") / "run"
-    train(TrainConfig(model="kron_mlp", dataset="digits", epochs=2, lr=1e-2, eval_n=0), out, log=lambda s: None)
-    return out
+def run_dir(tiny_run) -> Path:
+    return tiny_run()
 
 
 @pytest.fixture(scope="module")
-def exported(run_dir) -> tuple[Path, subprocess.CompletedProcess]:
-    out = run_dir.parent / "kron.bundle"
+def exported(run_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("cli_export") / "kron.bundle"
     r = _cli("export", str(run_dir), "--out", str(out), "--eval-sets", "clean:200,pgd:linf:0.1:5@100")
     return out, r
 

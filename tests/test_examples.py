@@ -25,7 +25,6 @@ Image = pytest.importorskip("PIL.Image")
 from edgesep.bundle import open_bundle  # noqa: E402
 from edgesep.export import export_run  # noqa: E402
 from edgesep.runtimes import load  # noqa: E402
-from edgesep.train import TrainConfig, train  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 
@@ -40,11 +39,10 @@ def _quiet(_: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> Path:
+def bundle_dir(tmp_path_factory, tiny_run) -> Path:
     root = tmp_path_factory.mktemp("examples")
-    train(TrainConfig(model="kron_mlp", dataset="digits", epochs=2, lr=1e-2, eval_n=0), root / "run", log=_quiet)
     out = root / "kron.bundle"
-    export_run(root / "run", out, eval_sets="clean:50", log=_quiet, progress=False)
+    export_run(tiny_run(), out, eval_sets="clean:50", log=_quiet, progress=False)
     return out
 
 

@@ -63,19 +63,17 @@ def arm64_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def digits_bundle(tmp_path_factory) -> Path:
+def digits_bundle(tmp_path_factory, tiny_run) -> Path:
     """A tiny bundle: kron_mlp trained 2 epochs on digits, fp32 ONNX + INT8 (gate off: max_drop=100), clean:300."""
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from edgesep.export import export_run, quantize_bundle
-    from edgesep.train import TrainConfig, train
 
     def quiet(_: str) -> None:
         pass
 
     out = tmp_path_factory.mktemp("arm64")
-    train(TrainConfig(model="kron_mlp", dataset="digits", epochs=2, lr=1e-2, eval_n=0), out / "run", log=quiet)
-    export_run(out / "run", out / "kron.bundle", eval_sets="clean:300", log=quiet, progress=False)
+    export_run(tiny_run(), out / "kron.bundle", eval_sets="clean:300", log=quiet, progress=False)
     quantize_bundle(out / "kron.bundle", max_drop=100, log=quiet)
     return out / "kron.bundle"

@@ -32,7 +32,6 @@ from edgesep.export import (  # noqa: E402
     quantize_bundle,
 )
 from edgesep.runs import MODEL_FILE, load_run  # noqa: E402
-from edgesep.train import TrainConfig, train  # noqa: E402
 
 # torch.export's pytree code warns about its own deprecated LeafSpec on every export
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
@@ -46,15 +45,13 @@ def _quiet(_: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pipeline") / "run"
-    train(TrainConfig(model="kron_mlp", dataset="digits", epochs=2, lr=1e-2, eval_n=0), out, log=_quiet)
-    return out
+def run_dir(tiny_run) -> Path:
+    return tiny_run()
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(run_dir) -> Path:
-    out = run_dir.parent / "kron.bundle"
+def bundle_dir(run_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pipeline") / "kron.bundle"
     export_run(run_dir, out, eval_sets=EVAL_SETS, log=_quiet, progress=False)
     return out
 

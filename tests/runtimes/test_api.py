@@ -33,7 +33,6 @@ from edgesep.errors import (  # noqa: E402
 )
 from edgesep.export import export_run, quantize_bundle  # noqa: E402
 from edgesep.runtimes import PREFERRED_KEY, Session, get_backend, load, select_artifact  # noqa: E402
-from edgesep.train import TrainConfig, train  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 
@@ -43,11 +42,10 @@ def _quiet(_: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> Path:
+def bundle_dir(tmp_path_factory, tiny_run) -> Path:
     root = tmp_path_factory.mktemp("runtimes_api")
-    train(TrainConfig(model="kron_mlp", dataset="digits", epochs=2, lr=1e-2, eval_n=0), root / "run", log=_quiet)
     out = root / "kron.bundle"
-    export_run(root / "run", out, eval_sets="clean:200,pgd:linf:0.1:5@100", log=_quiet, progress=False)
+    export_run(tiny_run(), out, eval_sets="clean:200,pgd:linf:0.1:5@100", log=_quiet, progress=False)
     quantize_bundle(out, max_drop=100, max_robust_drop=100, log=_quiet)
     return out
 

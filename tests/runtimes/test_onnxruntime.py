@@ -27,7 +27,6 @@ from edgesep.errors import BackendMissingError, BundleContentError, ConfigError,
 from edgesep.export import export_run  # noqa: E402
 from edgesep.runtimes import get_backend, list_backends, load  # noqa: E402
 from edgesep.runtimes.onnxruntime import OnnxRuntime  # noqa: E402
-from edgesep.train import TrainConfig, train  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 
@@ -39,12 +38,12 @@ def _quiet(_: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory) -> dict[str, Path]:
+def bundles(tmp_path_factory, tiny_run) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runtimes_ort")
-    train(TrainConfig(model="kron_mlp", dataset="digits", epochs=2, lr=1e-2, eval_n=0), root / "run", log=_quiet)
+    run = tiny_run()
     out = {"dynamic": root / "dyn.bundle", "static": root / "static.bundle"}
-    export_run(root / "run", out["dynamic"], eval_sets="clean:100", log=_quiet, progress=False)
-    export_run(root / "run", out["static"], eval_sets="clean:100", batch=STATIC_BATCH, log=_quiet, progress=False)
+    export_run(run, out["dynamic"], eval_sets="clean:100", log=_quiet, progress=False)
+    export_run(run, out["static"], eval_sets="clean:100", batch=STATIC_BATCH, log=_quiet, progress=False)
     return out
 
 

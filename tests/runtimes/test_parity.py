@@ -23,7 +23,6 @@ from edgesep.errors import BundleLookupError, ConfigError, ShapeMismatchError  #
 from edgesep.export import export_run, quantize_bundle  # noqa: E402
 from edgesep.runtimes import PARITY_THRESHOLDS, Runtime, compare_logits, load, parity, parity_ok  # noqa: E402
 from edgesep.runtimes.onnxruntime import OnnxRuntime  # noqa: E402
-from edgesep.train import TrainConfig, train  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 ADV_ID = "pgd-linf-0.1-5"
@@ -34,11 +33,11 @@ def _quiet(_: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> Path:
+def bundle_dir(tmp_path_factory, tiny_run) -> Path:
     root = tmp_path_factory.mktemp("runtimes_parity")
-    train(TrainConfig(model="kron_mlp", dataset="digits", epochs=2, lr=1e-2, eval_n=0), root / "run", log=_quiet)
+    run = tiny_run()
     out = root / "kron.bundle"
-    export_run(root / "run", out, eval_sets="clean:200,pgd:linf:0.1:5@100", log=_quiet, progress=False)
+    export_run(run, out, eval_sets="clean:200,pgd:linf:0.1:5@100", log=_quiet, progress=False)
     quantize_bundle(out, max_drop=100, max_robust_drop=100, log=_quiet)
     return out
 

@@ -73,17 +73,16 @@ def _quiet(_: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> Path:
+def bundle_dir(tmp_path_factory, tiny_run) -> Path:
     """kron_mlp, 2 epochs on digits, exported (symbolic batch, clean:200) and quantized (gate off)."""
     for mod in ("torch", "onnx", "onnxruntime", "onnxscript", "onnxsim"):
         pytest.importorskip(mod)
     from edgesep.export import export_run, quantize_bundle
-    from edgesep.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("trt")
-    train(TrainConfig(model="kron_mlp", dataset="digits", epochs=2, lr=1e-2, eval_n=0), root / "run", log=_quiet)
+    run = tiny_run()
     out = root / "kron.bundle"
-    export_run(root / "run", out, eval_sets="clean:200", log=_quiet, progress=False)
+    export_run(run, out, eval_sets="clean:200", log=_quiet, progress=False)
     quantize_bundle(out, calib=256, max_drop=100, log=_quiet)
     return out
 

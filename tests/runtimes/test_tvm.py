@@ -39,7 +39,6 @@ from edgesep.runtimes.tvm import (  # noqa: E402
     compile_tvm,
     run_rpc,
 )
-from edgesep.train import TrainConfig, train  # noqa: E402
 
 pytestmark = [pytest.mark.tvm, pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")]
 
@@ -53,13 +52,12 @@ def _quiet(_: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory) -> dict[str, Path]:
+def bundles(tmp_path_factory, tiny_run) -> dict[str, Path]:
     """kron_mlp and mlp digits bundles, each with model.onnx, model.int8.onnx and a clean eval set of 200."""
     root = tmp_path_factory.mktemp("tvm")
     out = {}
     for model in ("kron_mlp", "mlp"):
-        run = root / f"run_{model}"
-        train(TrainConfig(model=model, dataset="digits", epochs=2, lr=1e-2, eval_n=0), run, log=_quiet)
+        run = tiny_run(model)
         b = root / f"{model}.bundle"
         export_run(run, b, eval_sets="clean:200", log=_quiet, progress=False)
         quantize_bundle(b, calib=128, max_drop=100, max_robust_drop=100, log=_quiet)
