@@ -1,6 +1,26 @@
-"""edgesep.devices: device profiles, transports, the on-device runner and the host harness.
+"""edgesep.devices: device profiles (now); transports, the on-device runner and the host harness (later).
 
-Not implemented yet (see the device-harness issue). The package exists so the layout and import names are fixed.
+``import edgesep.devices`` needs the standard library only (no numpy, no torch): profiles are read with tomllib.
 """
 
-__all__: list[str] = []
+from edgesep.devices._profiles import (
+    ARCHS,
+    PROFILES_DIR,
+    PROFILES_ENV,
+    RUNTIMES,
+    TRANSPORTS,
+    DeviceProfile,
+    list_profiles,
+    load_profile,
+)
+
+__all__ = [
+    "ARCHS",
+    "PROFILES_DIR",
+    "PROFILES_ENV",
+    "RUNTIMES",
+    "TRANSPORTS",
+    "DeviceProfile",
+    "list_profiles",
+    "load_profile",
+]

@@ -83,6 +83,35 @@ def emulate_cmd(
         out_console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
+def devices_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the profiles as JSON.")] = False,
+) -> None:
+    """List device profiles: the shipped ones and $EDGESEP_PROFILES_DIR/*.toml."""
+    import json
+
+    from edgesep.cli import _table, out_console
+    from edgesep.devices import list_profiles
+
+    profiles = list_profiles()
+    if as_json:
+        sys.stdout.write(json.dumps([p.to_dict() for p in profiles], indent=2) + "\n")
+        return
+
+    def target(p: object) -> str:
+        t = getattr(p, "target", None)
+        return "-" if t is None else (t if isinstance(t, str) else json.dumps(t, separators=(",", ":")))
+
+    rows = [["id", "arch", "transport", "address", "runtime", "target", "notes"]]
+    for p in profiles:
+        address = p.address or ("-" if p.transport != "local" else "this machine")
+        if p.address and p.port:
+            address = f"{p.address}:{p.port}"
+        transport = f"{p.transport} (emulated)" if p.emulated else p.transport
+        rows.append([p.id, p.arch, transport, address, p.runtime, target(p), p.notes or p.description])
+    out_console.print(_table("device profiles", rows, left=7))
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to `app`."""
     app.add_typer(device_app, name="device")
+    app.command("devices")(devices_cmd)
