@@ -22,9 +22,11 @@ __all__ = [
     "CONFIG_FILE",
     "METRICS_FILE",
     "MODEL_FILE",
+    "apply_transforms",
     "load_run",
     "load_weights",
     "read_json",
+    "register_transform",
     "save_weights",
     "versions",
 ]
@@ -92,6 +94,49 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
     model.load_state_dict(state)
 
 
+# Structural transforms: a run made by post-training conversion (GDWS, low-rank, tensor-train, Kronecker) stores
+# the base model (``model`` + ``model_kwargs``) and, in ``config["transforms"]``, the list of structural changes
+# applied to it, each ``{"kind": NAME, ...JSON spec...}``. ``load_run`` rebuilds the base model, re-applies each
+# transform's *structure* (shapes only, no data needed: weights come from the safetensors file), then loads the
+# weights strictly. A transform registers ``fn(model, spec) -> model`` under its kind.
+_TRANSFORMS: dict[str, Any] = {}
+
+
+def register_transform(kind: str, fn: Any) -> Any:
+    """Register ``fn(model, spec: dict) -> nn.Module`` that rebuilds the structure a transform ``kind`` made."""
+    _TRANSFORMS[kind] = fn
+    return fn
+
+
+def _load_transform_modules() -> None:
+    # The modules that define transforms register them on import; import lazily so runs.py stays light.
+    import importlib
+
+    for mod in ("edgesep.gdws", "edgesep.convert"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def apply_transforms(model: nn.Module, transforms: list[dict[str, Any]], source: str = "config") -> nn.Module:
+    """Re-apply the structural transforms recorded in a run's config (see ``register_transform``)."""
+    if transforms and not _TRANSFORMS:
+        _load_transform_modules()
+    for i, spec in enumerate(transforms):
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        if kind not in _TRANSFORMS:
+            _load_transform_modules()
+        if kind not in _TRANSFORMS:
+            raise CheckpointError(
+                f"{source}: transform {i} has kind {kind!r}, which this edgesep does not know "
+                f"(known: {sorted(_TRANSFORMS)}); upgrade edgesep or re-create the run"
+            )
+        model = _TRANSFORMS[kind](model, spec)
+    return model
+
+
 def load_run(run_dir: str | Path, *, map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a run directory and load its weights. Returns (model in eval mode, config)."""
     from edgesep.models import create_model
@@ -103,6 +148,7 @@ def load_run(run_dir: str | Path, *, map_location: str = "cpu") -> tuple[nn.Modu
     if "model" not in config:
         raise CheckpointError(f"{run_dir / CONFIG_FILE} has no 'model' entry; it was not written by edgesep train")
     model = create_model(config["model"], **config.get("model_kwargs", {}))
+    model = apply_transforms(model, config.get("transforms", []), str(run_dir / CONFIG_FILE))
     load_state_strict(model, load_weights(run_dir / MODEL_FILE), str(run_dir / MODEL_FILE))
     return model.to(map_location).eval(), config
 
