@@ -29,7 +29,7 @@ Schema version 1 (``RESULT_SCHEMA_VERSION``); every key below is present (``None
                     "eval_set": str, "n": int, "correct": int, "accuracy": float, "clean_accuracy": float,
                     "mean_queries": float, "seed": int} ]
       },
-      "numerics": null | {"reference": "onnxruntime-fp32", "n": int, "max_abs": float, "max_rel": float,
+      "numerics": null | {"reference": "torch-fp32", "n": int, "max_abs": float, "max_rel": float,
                           "top1_agreement": float},
       "latency": null | {"batch": 1, "warmup": int, "n": int, "min_runs": int, "min_seconds": float,
                          "raw_ms": [float, ...], "p50": float, "p90": float, "p99": float, "mean": float,
@@ -38,7 +38,8 @@ Schema version 1 (``RESULT_SCHEMA_VERSION``); every key below is present (``None
       "notes": [str, ...]                           # e.g. "emulated: latency is meaningless"
     }
 
-Accuracy modes: ``transferred`` = adversarial examples crafted white-box on the float model (host, at export)
+``numerics`` compares the engine with the bundle's reference logits (the float torch model's, which the export
+held ONNX Runtime fp32 to within 1e-4 of). Accuracy modes: ``transferred`` = adversarial examples crafted white-box on the float model (host, at export)
 and replayed on the engine; ``query-only`` = a Square attack run against the engine itself on the device.
 """
 

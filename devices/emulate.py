@@ -54,6 +54,7 @@ from edgesep.errors import ConfigError, EdgesepError
 __all__ = [
     "DEFAULT_WHEELS",
     "DEVICE_MODULES",
+    "DEVICE_SUBPACKAGE_MODULES",
     "HOST_TOOLS",
     "IN_ROOT_PREFIX",
     "EmulatorError",
@@ -112,6 +113,13 @@ _BUILD_TOOLS = ("debootstrap", "qemu-aarch64-static", "dpkg-deb", "chroot")
 IN_ROOT_PREFIX = PurePosixPath("/opt/edgesep")  # where copy_bundle / install_edgesep put things inside the root
 # the numpy-side modules of `edgesep` that device code needs (plus every module of edgesep.runtimes)
 DEVICE_MODULES: tuple[str, ...] = ("__init__", "errors", "_io", "_config", "bundle")
+# modules of sub-packages that device code needs: the on-device runner and what it imports (numpy-only). Each
+# sub-package gets a docstring-only __init__.py: the host's would import modules that are not copied (the attack
+# registry, device profiles, transports)
+DEVICE_SUBPACKAGE_MODULES: dict[str, tuple[str, ...]] = {
+    "attacks": ("square",),
+    "devices": ("_result", "_env", "runner"),
+}
 _QEMU = "/usr/bin/qemu-aarch64-static"
 _STATE = ".edgesep"  # ROOT/.edgesep: stamps, logs, lock
 _IN_ROOT_ENV = {
@@ -824,7 +832,8 @@ def _in_root(root: Path, inside: PurePosixPath) -> Path:
 
 
 def install_edgesep(root: str | os.PathLike, *, prefix: str | PurePosixPath = IN_ROOT_PREFIX) -> Path:
-    """Copy the numpy-side ``edgesep`` modules (``DEVICE_MODULES`` + all of ``edgesep.runtimes``) into the root.
+    """Copy the numpy-side ``edgesep`` modules (``DEVICE_MODULES``, all of ``edgesep.runtimes`` and
+    ``DEVICE_SUBPACKAGE_MODULES``: the runner ``python -m edgesep.devices.runner`` and the Square attack) into the root.
 
     They land in ``ROOT/<prefix>/edgesep`` (replacing an earlier copy), importable there as ``edgesep`` and
     ``edgesep.runtimes`` with ``PYTHONPATH=<prefix>`` (``run_in_root`` sets ``/opt/edgesep``). Torch-side modules
@@ -846,6 +855,15 @@ def install_edgesep(root: str | os.PathLike, *, prefix: str | PurePosixPath = IN
         shutil.copy2(pkg_src / f"{mod}.py", dst / f"{mod}.py")
     for f in sorted(rt_src.glob("*.py")):
         shutil.copy2(f, dst / "runtimes" / f.name)
+    for sub, mods in DEVICE_SUBPACKAGE_MODULES.items():
+        spec = importlib.util.find_spec(f"edgesep.{sub}")
+        if spec is None or not spec.submodule_search_locations:
+            raise EmulatorError(f"cannot locate the edgesep.{sub} package to copy into the root")
+        src = Path(next(iter(spec.submodule_search_locations)))
+        (dst / sub).mkdir()
+        (dst / sub / "__init__.py").write_text(f'"""edgesep.{sub} on a device: {", ".join(mods)} only."""\n')
+        for mod in mods:
+            shutil.copy2(src / f"{mod}.py", dst / sub / f"{mod}.py")
     return dst
 
 
