@@ -8,7 +8,8 @@ A profile is a TOML file (the shipped ones live in ``devices/profiles/``; a user
 - ``transport``: ``"local"``, ``"ssh"`` (needs ``address``, ``user`` and ``known_hosts``; ``key`` is a private-key
   path, or leave it out for agent auth) or ``"tvm-rpc"`` (needs ``address`` + ``port`` of an RPC server, or a
   ``tracker_key``, with ``address`` + ``port`` then naming the tracker when given).
-- ``port``, ``python`` (the interpreter on the device), ``workdir`` (where bundles go on the device).
+- ``port``, ``python`` (the interpreter on the device), ``workdir`` (where bundles go on the device),
+  ``connect_timeout`` (seconds to connect, for ssh and tvm-rpc; default 10).
 - ``runtime``: ``"onnxruntime"``, ``"tvm"`` or ``"tensorrt"``; ``target``: a TVM target, a name that
   ``edgesep.runtimes.tvm.resolve_target`` understands (``"host"``, ``"rpi4"``, ``"rpi5"``, a TVM tag) or a table
   (required when ``runtime = "tvm"``).
@@ -78,6 +79,7 @@ class DeviceProfile:
     tracker_key: str | None = None
     python: str = "python3"
     workdir: str | None = None
+    connect_timeout: float | None = None
     target: str | dict[str, Any] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     emulated: bool = False
@@ -118,6 +120,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "tracker_key": _STR,
     "python": _STR,
     "workdir": _STR,
+    "connect_timeout": ((int, float), "a number of seconds"),
     "runtime": _STR,
     "target": ((str, dict), "a string (a target name) or a table (a TVM target dict)"),
     "versions": ((dict,), 'a table such as {onnxruntime = ">=1.18"}'),
@@ -174,6 +177,10 @@ def _validate(data: dict[str, Any], where: str) -> dict[str, Any]:
         raise bad("runtime", f"is {kw['runtime']!r}; valid: {', '.join(RUNTIMES)}")
     if "port" in kw and not 1 <= kw["port"] <= 65535:
         raise bad("port", f"is {kw['port']}; must be in 1..65535")
+    if "connect_timeout" in kw:
+        if not 0 < kw["connect_timeout"] <= 3600:
+            raise bad("connect_timeout", f"is {kw['connect_timeout']}; must be in (0, 3600] seconds")
+        kw["connect_timeout"] = float(kw["connect_timeout"])
     for name, spec in kw.get("versions", {}).items():
         if name not in RUNTIMES and name != "python":
             raise bad(f"versions.{name}", f"is not a runtime; valid: {', '.join((*RUNTIMES, 'python'))}")

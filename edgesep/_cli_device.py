@@ -14,7 +14,7 @@ __all__ = ["register"]
 
 device_app = typer.Typer(
     name="device",
-    help="Devices: emulated ARM roots (and, later, profiles, transports and the on-device runner).",
+    help="Devices: check a device profile, emulated ARM roots.",
     no_args_is_help=True,
 )
 EMULATED_ARCHS = ("arm64",)
@@ -81,6 +81,52 @@ def emulate_cmd(
     )
     for line in lines:
         out_console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+@device_app.command("check")
+def check_cmd(
+    profile: Annotated[str, typer.Argument(help="Device profile: an id (`edgesep devices`) or a TOML file's path.")],
+    bundle: Annotated[
+        Path | None, typer.Option("--bundle", help="Also check this bundle: its artifacts for the device, its size.")
+    ] = None,
+    trust_new_host: Annotated[
+        bool,
+        typer.Option(
+            "--trust-new-host",
+            help="ssh: accept an unknown host key (its SHA256 fingerprint is printed and recorded in the profile's "
+            "known_hosts). A changed key is always refused.",
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Check a device: reachable, architecture, python, numpy, runtime versions, the bundle's needs, free disk.
+
+    Exit 0 when every check passes, 1 when one fails (each failing check says what to install or do), 2 for a
+    user error (unknown profile, invalid profile file).
+    """
+    import json
+
+    from edgesep.cli import _table, err_console, out_console
+    from edgesep.devices.check import check_device
+
+    def log(line: str) -> None:
+        err_console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    result = check_device(profile, bundle, trust_new_host, log=log)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        rows = [["check", "ok", "detail", "fix"]]
+        for c in result["checks"]:
+            mark = "skip" if c.get("skipped") else ("ok" if c["ok"] else "FAIL")
+            rows.append([c["name"], mark, c["detail"], c["fix"] or "-"])
+        title = f"device check: {result['profile']} ({result['transport']})"
+        out_console.print(_table(title, rows, left=4))
+        failed = [c["name"] for c in result["checks"] if not c["ok"]]
+        summary = "all checks passed" if not failed else f"{len(failed)} check(s) failed: {', '.join(failed)}"
+        out_console.print(summary, highlight=False, markup=False, soft_wrap=True)
+    if not result["ok"]:
+        raise typer.Exit(1)
 
 
 def devices_cmd(
