@@ -39,8 +39,9 @@ Schema version 1 (``RESULT_SCHEMA_VERSION``); every key below is present (``None
     }
 
 ``numerics`` compares the engine with the bundle's reference logits (the float torch model's, which the export
-held ONNX Runtime fp32 to within 1e-4 of). Accuracy modes: ``transferred`` = adversarial examples crafted white-box on the float model (host, at export)
-and replayed on the engine; ``query-only`` = a Square attack run against the engine itself on the device.
+held ONNX Runtime fp32 to within 1e-4 of). Accuracy modes: ``transferred`` = adversarial examples crafted
+white-box on the float model (host, at export) and replayed on the engine; ``query-only`` = a Square attack run
+against the engine itself on the device.
 """
 
 from __future__ import annotations

@@ -95,9 +95,11 @@ def train_cmd(
     ] = None,
     epochs: int = 10,
     batch_size: int = 128,
-    optimizer: Annotated[str, typer.Option(help="sgd | adam")] = "adam",
+    optimizer: Annotated[str, typer.Option(help="sgd | adam | condlr (robust low-rank layers)")] = "adam",
     lr: float = 1e-3,
     momentum: float = 0.9,
+    tau: Annotated[float, typer.Option(help="condlr: bound on each low-rank layer's cond(S) (>= 1).")] = 1.0,
+    rank_ratio: Annotated[float | None, typer.Option(help="Low-rank models: fraction of each rank removed.")] = None,
     weight_decay: float = 0.0,
     schedule: Annotated[str, typer.Option(help="cosine | step | constant")] = "cosine",
     adv: Annotated[str, typer.Option(help="none | pgd | fgsm (fast FGSM with random start)")] = "none",
@@ -124,7 +126,8 @@ def train_cmd(
     config = TrainConfig(
         model=model, model_kwargs=_parse_model_args(model_arg or []), dataset=data,
         data_dir=str(data_dir) if data_dir else None, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
-        lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule, adv=adv, eps=eps, norm=norm,
+        lr=lr, momentum=momentum, tau=tau, rank_ratio=rank_ratio, weight_decay=weight_decay, schedule=schedule,
+        adv=adv, eps=eps, norm=norm,
         adv_steps=adv_steps, adv_step_size=adv_step_size, eps_warmup_epochs=eps_warmup, lambda_s=lambda_s,
         lambda_c=lambda_c, sparsity=sparsity, condition=condition, prune=prune, seed=seed, max_train=max_train,
         eval_n=eval_n, eval_steps=eval_steps, device=device,
@@ -190,12 +193,21 @@ def eval_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    out: Annotated[Path, typer.Option(help="Where the demo's run directories go.")] = Path("runs/demo"),
+    out: Annotated[Path, typer.Option(help="Where the demo's runs, bundles, results and report go.")] = Path(
+        "runs/demo"
+    ),
     epochs: int = 30,
     eps: float = 0.1,
-    deploy: Annotated[bool, typer.Option(help="Export, quantize and time the models (needs the export extra).")] = True,
+    device: Annotated[str, typer.Option(help="Device profile the bundles are benchmarked on.")] = "host",
+    deploy: Annotated[bool, typer.Option(help="Export and quantize the models (needs the export extra).")] = True,
+    bench: Annotated[bool, typer.Option(help="Compile, benchmark on --device and write the report.")] = True,
+    square_queries: Annotated[int, typer.Option(help="Square attack queries against each engine (0: off).")] = 300,
+    min_seconds: Annotated[float, typer.Option(help="Latency: seconds of batch-1 samples per artifact.")] = 2.0,
+    min_runs: Annotated[int, typer.Option(help="Latency: at least this many batch-1 runs per artifact.")] = 300,
+    max_eval: Annotated[int | None, typer.Option(help="Cap the images per eval set on the device.")] = None,
+    tvm: Annotated[bool, typer.Option(help="Compile TVM libraries for the host and the device's target.")] = True,
 ) -> None:
-    """Train a dense and a separable MLP adversarially on the bundled digits, then export, quantize and time them."""
+    """The whole pipeline on bundled digits: adversarial training -> export -> INT8 -> compile -> bench -> report."""
     from edgesep.demo import run_demo
 
     rows = run_demo(out, epochs=epochs, eps=eps, log=_log)
@@ -225,22 +237,30 @@ def demo_cmd(
     from edgesep.demo import deploy_demo
 
     deployed = deploy_demo(rows, eps=eps, log=_log)
-    table = Table(title="deployment: ONNX bundles, INT8 behind the accuracy gate, ONNX Runtime on this CPU")
-    cols = ("model", "fp32 B", "int8 B", "clean fp32", "clean int8", "robust fp32", "robust int8", "fp32 ms", "int8 ms",
-            "gate")  # fmt: skip
+    table = Table(title="deployment: ONNX bundles, INT8 behind the accuracy gate")
+    cols = ("model", "fp32 B", "int8 B", "clean fp32", "clean int8", "robust fp32", "robust int8", "gate")
     for col in cols:
         table.add_column(col, justify="left" if col in ("model", "gate") else "right")
     for d in deployed:
         table.add_row(
             d["label"], _fmt(d.get("size_fp32")), _fmt(d.get("size_int8")), _fmt(d.get("clean_fp32")),
-            _fmt(d.get("clean_int8")), _fmt(d.get("robust_fp32")), _fmt(d.get("robust_int8")),
-            _fmt(d.get("latency_fp32_ms"), 3), _fmt(d.get("latency_int8_ms"), 3), d["gate"],
+            _fmt(d.get("clean_int8")), _fmt(d.get("robust_fp32")), _fmt(d.get("robust_int8")), d["gate"],
         )  # fmt: skip
     out_console.print(table)
     out_console.print(
-        "robust = PGD crafted on the float torch model, transferred to the engine; latency = median at batch 1. "
-        "Bundles: " + ", ".join(d["bundle"] for d in deployed)
+        "robust = PGD crafted on the float torch model, transferred to the engine. Bundles: "
+        + ", ".join(d["bundle"] for d in deployed)
     )
+    if not bench:
+        return
+    from edgesep._cli_bench import print_summary
+    from edgesep.demo import DemoBench, bench_demo
+
+    settings = DemoBench(device=device, square_queries=square_queries, min_runs=min_runs, min_seconds=min_seconds,
+                         max_eval=max_eval, tvm=tvm)  # fmt: skip
+    res = bench_demo(deployed, out, settings, log=_log)
+    print_summary(res["results"], f"on-device benchmark: {res['device']}")
+    out_console.print(f"report: {res['report_html']} (and {res['report_md']}); result files in {out / 'results'}")
 
 
 def _table(title: str | None, rows: list[list[str]], left: int = 1) -> Table:
@@ -469,10 +489,14 @@ def check_cmd(
 
 
 # commands that live in their own modules (one per pipeline stage)
-from edgesep import _cli_compile, _cli_device  # noqa: E402
+from edgesep import _cli_bench, _cli_compile, _cli_convert, _cli_device, _cli_gdws, _cli_report  # noqa: E402
 
 _cli_compile.register(app)
 _cli_device.register(app)
+_cli_gdws.register(app)
+_cli_convert.register(app)
+_cli_report.register(app)
+_cli_bench.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
