@@ -38,10 +38,18 @@ __all__ = ["BenchError", "BenchOptions", "bench", "device_artifacts", "result_na
 
 _BACKENDS = ("onnxruntime", "tvm", "tensorrt")
 _PROBE = (
-    "import importlib.util as u, json, platform, sys; "
-    "print(json.dumps({'machine': platform.machine(), 'python': sys.version.split()[0], "
-    "'backends': [m for m in ('onnxruntime', 'tvm', 'tensorrt') if u.find_spec(m)], "
-    "'numpy': bool(u.find_spec('numpy'))}))"
+    "import importlib.util as u, importlib.metadata as md, json, platform, sys\n"
+    "def v(*names):\n"
+    "    for n in names:\n"
+    "        try:\n"
+    "            return md.version(n)\n"
+    "        except Exception:\n"
+    "            pass\n"
+    "b = [m for m in ('onnxruntime', 'tvm', 'tensorrt') if u.find_spec(m)]\n"
+    "dist = {'onnxruntime': ('onnxruntime', 'onnxruntime-gpu'), 'tvm': ('apache-tvm', 'tvm'), "
+    "'tensorrt': ('tensorrt',)}\n"
+    "print(json.dumps({'machine': platform.machine(), 'python': sys.version.split()[0], 'backends': b, "
+    "'versions': {m: v(*dist[m]) for m in b}, 'numpy': bool(u.find_spec('numpy'))}))"
 )
 
 
@@ -133,6 +141,26 @@ def device_artifacts(
             f"--target {tname}`, or install a runtime on the device"
         )
     return pairs
+
+
+def _check_versions(profile: DeviceProfile, backends: set[str], found: dict[str, str | None]) -> None:
+    """The device's runtime versions against the profile's ``versions`` specifiers (before anything runs)."""
+    from edgesep.devices.check import version_satisfies
+
+    for b in sorted(backends):
+        spec = profile.versions.get(b)
+        have = found.get(b)
+        if not spec or not have:
+            continue
+        try:
+            ok = version_satisfies(have, spec)
+        except ValueError:
+            continue  # an unparsable device version: `edgesep device check` reports it
+        if not ok:
+            raise BenchError(
+                f"{profile.id} has {b} {have}, but its profile expects {spec}; install a matching {b} there "
+                f"(see `edgesep device check {profile.id}`) or change the profile's [versions]"
+            )
 
 
 def _reusable(path: Path, artifact: Artifact, profile: DeviceProfile, options: BenchOptions) -> bool:
@@ -234,6 +262,8 @@ def bench(
                     f"fix the profile's arch (or the address), see `edgesep device check {profile.id}`"
                 )
         pairs = device_artifacts(bundle, profile, available, artifact_id)
+        if not rpc:
+            _check_versions(profile, {b for _, b in pairs}, probe.get("versions", {}))
         out_dir.mkdir(parents=True, exist_ok=True)
         remote_bundle = pythonpath = None
         for art, backend in pairs:

@@ -103,6 +103,31 @@ def test_missing_artifact_and_bad_out_are_one_line_errors(bundle, tmp_path, caps
     assert not list((tmp_path / "r").glob("*.json")) if (tmp_path / "r").exists() else True
 
 
+def test_runtime_version_mismatch_and_wrong_arch_stop_before_running(bundle, tmp_path, capsys):
+    import platform
+
+    from edgesep.devices import load_profile
+
+    def profile(name: str, **fields: str) -> Path:
+        host = load_profile("host").to_dict()
+        lines = [f'id = "{name}"', 'transport = "local"', 'runtime = "onnxruntime"', 'python = "python3"',
+                 f'arch = "{fields.get("arch", "native")}"', "[versions]",
+                 f'onnxruntime = "{fields.get("ort", ">=1.0")}"']  # fmt: skip
+        assert host["transport"] == "local"
+        p = tmp_path / f"{name}.toml"
+        p.write_text("\n".join(lines) + "\n")
+        return p
+
+    out = tmp_path / "r"
+    assert main(["bench", str(bundle), "--device", str(profile("old", ort=">=99")), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "expects >=99" in err and "Traceback" not in err
+    other = "aarch64" if platform.machine() == "x86_64" else "x86_64"
+    assert main(["bench", str(bundle), "--device", str(profile("wrongarch", arch=other)), "--out", str(out)]) == 2
+    assert "edgesep device check" in capsys.readouterr().err
+    assert not list(out.glob("*.json")) if out.exists() else True
+
+
 def test_nothing_for_the_target_says_how_to_compile(bundle, tmp_path):
     # rpi4 runs TVM libraries built for rpi4; this bundle has none, and its ONNX artifacts are portable (target
     # "any") -- so a tvm-only device has nothing to run
