@@ -869,12 +869,22 @@ class TvmRpcTransport:
         if p.tracker_key:
             host, port = self._tracker_addr()
             self._probe(host, port, "an RPC tracker", f"python -m tvm.exec.rpc_tracker --host {host} --port {port}")
-            try:
-                self._tracker = rpc.connect_tracker(host, port)
-                summary = self._tracker.summary()
-            except Exception as e:
-                raise TransportError(f"{host}:{port} is not a TVM RPC tracker ({type(e).__name__}: {e})") from e
-            keys = summary.get("queue_info", {})
+            # a server registers with its tracker a moment after it starts listening: wait for the key up to the
+            # connect timeout before calling it missing
+            import time
+
+            deadline = time.monotonic() + self.connect_timeout
+            while True:
+                try:
+                    if self._tracker is None:
+                        self._tracker = rpc.connect_tracker(host, port)
+                    summary = self._tracker.summary()
+                except Exception as e:
+                    raise TransportError(f"{host}:{port} is not a TVM RPC tracker ({type(e).__name__}: {e})") from e
+                keys = summary.get("queue_info", {})
+                if p.tracker_key in keys or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
             if p.tracker_key not in keys:
                 raise TransportError(
                     f"no device with key {p.tracker_key!r} is registered at the tracker {host}:{port} (keys: "

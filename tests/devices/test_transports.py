@@ -317,7 +317,8 @@ def test_tvm_rpc_through_a_tracker(host_lib, tmp_path):
             np.testing.assert_allclose(eng.run(x[:8]), _ort_logits(bundle, x[:8]), rtol=1e-4, atol=1e-4)
             assert len(eng.time_batch1(number=2, repeat=2)) == 2
         wrong = _write_profile(tmp_path, "trk2", arch="native", transport="tvm-rpc", address="127.0.0.1",
-                               port=tport, tracker_key="no-such-key", runtime="tvm", target="host")  # fmt: skip
+                               port=tport, tracker_key="no-such-key", runtime="tvm", target="host",
+                               connect_timeout=1)  # fmt: skip
         with pytest.raises(TransportError, match=r"no device with key 'no-such-key'.*edgesep-test"):
             TvmRpcTransport(wrong).connect()
     finally:
