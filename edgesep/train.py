@@ -41,7 +41,7 @@ STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 
 ADV_MODES = ("none", "pgd", "fgsm")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "condlr")
 SCHEDULES = ("cosine", "step", "constant")
 
 
@@ -56,9 +56,11 @@ class TrainConfig(SerializableConfig):
     data_dir: str | None = None
     epochs: int = 10
     batch_size: int = 128
-    optimizer: str = "adam"
+    optimizer: str = "adam"  # sgd | adam | condlr (edgesep.optim.CondLR: low-rank layers orthonormal, cond(S) <= tau)
     lr: float = 1e-3
     momentum: float = 0.9
+    tau: float = 1.0  # condlr: the bound on every low-rank layer's cond(S)
+    rank_ratio: float | None = None  # passed to model builders that take rank_ratio (lowrank_*), unless in model_kwargs
     weight_decay: float = 0.0
     schedule: str = "cosine"
     step_every: int = 30  # epochs, for schedule="step"
@@ -95,6 +97,11 @@ class TrainConfig(SerializableConfig):
             (0.0 <= self.prune < 1.0, f"prune must be in [0, 1), got {self.prune}"),
             (self.lambda_s >= 0 and self.lambda_c >= 0, "lambda_s and lambda_c must be >= 0"),
             (self.eval_n >= 0, f"eval_n must be >= 0, got {self.eval_n}"),
+            (math.isfinite(self.tau) and self.tau >= 1.0, f"tau must be a finite number >= 1, got {self.tau}"),
+            (
+                self.rank_ratio is None or 0.0 <= self.rank_ratio < 1.0,
+                f"rank_ratio must be in [0, 1) (the fraction of each layer's rank removed), got {self.rank_ratio}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -115,6 +122,13 @@ def _model_kwargs(config: TrainConfig, data) -> dict[str, Any]:
         "mean": list(data.mean),
         "std": list(data.std),
     }
+    if config.rank_ratio is not None:
+        if "rank_ratio" not in params and not accepts_any:
+            raise ConfigError(
+                f"model {config.model!r} takes no rank_ratio; use a low-rank model (e.g. lowrank_lenet5) or "
+                "`edgesep convert RUN --to lowrank --rank-ratio R`"
+            )
+        defaults["rank_ratio"] = config.rank_ratio
     kwargs = {k: v for k, v in defaults.items() if k in params or (accepts_any and k != "in_channels")}
     kwargs.update(config.model_kwargs)
     return kwargs
@@ -130,6 +144,12 @@ def _lr_factor(config: TrainConfig, progress: float) -> float:
 
 
 def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "condlr":
+        from edgesep.optim import CondLR
+
+        return CondLR.for_model(
+            model, lr=config.lr, momentum=config.momentum, tau=config.tau, weight_decay=config.weight_decay
+        )
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
@@ -200,6 +220,9 @@ def train(
     resume: bool = False,
     progress: bool | None = None,
     log=None,
+    transforms: list[dict[str, Any]] | None = None,
+    init_weights: dict[str, torch.Tensor] | None = None,
+    extra_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a model and write a run directory; returns the metrics that were written to metrics.json.
 
@@ -209,6 +232,11 @@ def train(
         resume: continue from the last finished epoch stored in ``out``.
         progress: show a progress bar (default: when stderr is a terminal).
         log: callable taking a line of text (default: print to stderr).
+        transforms: structural transforms (``edgesep.runs.register_transform``) applied to the freshly built
+            model and recorded in config.json (fine-tuning a converted model, ``edgesep convert``); on resume the
+            ones stored in config.json are used.
+        init_weights: a state dict loaded (strictly) into the transformed model before training.
+        extra_config: more entries for config.json (e.g. ``converted_from``).
     Raises:
         ConfigError, DatasetError, UnknownNameError, CheckpointError: user errors, with what to do.
     """
@@ -245,7 +273,16 @@ def train(
     device = torch.device(config.device)
 
     model_kwargs = _model_kwargs(config, data)
-    model = create_model(config.model, **model_kwargs).to(device)
+    model = create_model(config.model, **model_kwargs)
+    if resume:
+        transforms = read_json(out / CONFIG_FILE).get("transforms", [])
+    if transforms:
+        from edgesep.runs import apply_transforms
+
+        model = apply_transforms(model, transforms)
+    if init_weights is not None and not resume:
+        load_state_strict(model, init_weights, "init_weights")
+    model = model.to(device)
     optimizer = _make_optimizer(config, model)
     condition = config.condition or DEFAULT_CONDITION
     run_config = {
@@ -257,6 +294,8 @@ def train(
         "normalization": {"mean": list(data.mean), "std": list(data.std), "inside_model": True},
         "train": config.to_dict(),
         "versions": versions(),
+        **({"transforms": list(transforms)} if transforms else {}),
+        **(extra_config or {}),
     }
 
     out.mkdir(parents=True, exist_ok=True)
@@ -347,6 +386,9 @@ def train(
     n_eval = min(config.eval_n, len(x_test))
     ev = evaluate(model, x_test[:n_eval], y_test[:n_eval], specs, progress=progress) if n_eval else None
     stats = model_stats(model, data.input_shape)
+    from edgesep.layers.lowrank import lowrank_layer_stats
+
+    stats["lowrank_layers"] = lowrank_layer_stats(model)
     metrics = {
         "schema_version": 1,
         "model": config.model,

@@ -7,11 +7,12 @@ The builders live in their modules (``edgesep.models.vgg.vgg16`` ...); importing
 """
 
 # importing the model modules registers their builders
-from edgesep.models import cnn, convex, mlp, resnet, vgg, vit  # noqa: F401
+from edgesep.models import cnn, convex, lenet, mlp, resnet, tt, vgg, vit  # noqa: F401
 from edgesep.models._common import FCHead, Normalize, balanced_factors, load_pretrained
 from edgesep.models._registry import create_model, get_model_builder, is_model, list_models, register_model
 from edgesep.models.cnn import CNNSmall
 from edgesep.models.convex import ConvexSmall
+from edgesep.models.lenet import LeNet5
 from edgesep.models.mlp import MLP
 from edgesep.models.resnet import CifarResNet
 from edgesep.models.vgg import VGG
@@ -25,6 +26,7 @@ __all__ = [
     "ConvexSmall",
     "FCHead",
     "KronTokenLinear",
+    "LeNet5",
     "Normalize",
     "ViT",
     "balanced_factors",
