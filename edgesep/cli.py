@@ -173,7 +173,10 @@ def eval_cmd(
     model, config = load_run(run)
     stored_dir = config.get("train", {}).get("_data", {}).get("data_dir")
     data = load_dataset(config["dataset"], data_dir or stored_dir)
-    x, y = torch.as_tensor(data.x_test[:n]), torch.as_tensor(data.y_test[:n])
+    from edgesep.data import eval_indices
+
+    idx = eval_indices(len(data.y_test), n)  # a seeded subset, not the first n (cifar10_jpeg is sorted by class)
+    x, y = torch.as_tensor(data.x_test[idx]), torch.as_tensor(data.y_test[idx])
     # only PGD takes steps, a step size and restarts
     pgd_args = {"steps": steps, "step_size": step_size, "restarts": restarts} if attack == "pgd" else {}
     specs = [] if attack == "clean" else [AttackSpec(name=attack, norm=norm, eps=eps, **pgd_args)]

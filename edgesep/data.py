@@ -38,7 +38,7 @@ import numpy as np
 
 from edgesep.errors import DatasetError, UnknownNameError
 
-__all__ = ["Dataset", "list_datasets", "load_dataset", "read_idx"]
+__all__ = ["Dataset", "eval_indices", "list_datasets", "load_dataset", "read_idx"]
 
 _SPLITS = ("train", "test")
 _KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -124,6 +124,13 @@ _SPECS: dict[str, _Spec] = {
 def list_datasets() -> list[str]:
     """Names accepted by :func:`load_dataset`."""
     return sorted(_SPECS)
+
+
+def eval_indices(n_total: int, n: int, seed: int = 0) -> np.ndarray:
+    """Indices of an ``n``-image evaluation subset of a test split of ``n_total``: the first ``n`` of a seeded
+    permutation (the same subset every time). Never the first ``n`` images: cifar10_jpeg's test split is sorted by
+    class, so those would all be airplanes."""
+    return np.random.default_rng(seed).permutation(n_total)[: min(n, n_total)]
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:

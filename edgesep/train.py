@@ -243,7 +243,7 @@ def train(
     from tqdm.auto import tqdm
 
     from edgesep.attacks import AttackSpec
-    from edgesep.data import load_dataset
+    from edgesep.data import eval_indices, load_dataset
     from edgesep.evaluate import evaluate
     from edgesep.models import create_model
     from edgesep.pruning import magnitude_prune_
@@ -384,7 +384,9 @@ def train(
     if config.eps == 0:
         specs = []
     n_eval = min(config.eval_n, len(x_test))
-    ev = evaluate(model, x_test[:n_eval], y_test[:n_eval], specs, progress=progress) if n_eval else None
+    # a seeded subset, not the first n_eval (cifar10_jpeg's test split is sorted by class)
+    idx = torch.as_tensor(eval_indices(len(x_test), n_eval))
+    ev = evaluate(model, x_test[idx], y_test[idx], specs, progress=progress) if n_eval else None
     stats = model_stats(model, data.input_shape)
     from edgesep.layers.lowrank import lowrank_layer_stats
 

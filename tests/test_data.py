@@ -410,3 +410,15 @@ def test_shared_cifar10(shared_data):
     assert len(set(d.y_train[:50].tolist())) > 5  # the class-sorted train split was shuffled
     assert d.y_test[:1000].tolist() == [0] * 1000  # the test split keeps the file's (class-sorted) order
     np.testing.assert_allclose(d.mean, (0.4926, 0.4828, 0.4471), atol=2e-4)
+
+
+def test_eval_subsets_are_seeded_permutations_not_the_first_images():
+    """cifar10_jpeg's test split is sorted by class: a first-N subset would hold one class. Training and `edgesep
+    eval` take the first N of a seeded permutation instead."""
+    from edgesep.data import eval_indices
+
+    y_sorted = np.repeat(np.arange(10), 1000)  # like cifar10_jpeg's test labels
+    idx = eval_indices(len(y_sorted), 500)
+    assert len(set(idx.tolist())) == 500 and np.bincount(y_sorted[idx], minlength=10).min() >= 30
+    np.testing.assert_array_equal(idx, eval_indices(len(y_sorted), 500))  # the same subset every time
+    assert len(eval_indices(10, 50)) == 10

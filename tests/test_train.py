@@ -34,11 +34,14 @@ def test_run_directory_rebuilds_the_model(tmp_path):
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
 
+    import numpy as np
+
     from edgesep.data import load_dataset
     from edgesep.evaluate import accuracy
 
     data = load_dataset("digits")
-    acc = accuracy(model, torch.as_tensor(data.x_test[:200]), torch.as_tensor(data.y_test[:200]))
+    idx = np.random.default_rng(0).permutation(len(data.y_test))[:200]  # the trainer's seeded eval subset
+    acc = accuracy(model, torch.as_tensor(data.x_test[idx]), torch.as_tensor(data.y_test[idx]))
     assert acc == pytest.approx(m["clean_accuracy"], abs=1e-9)
     assert m["clean_accuracy"] > 0.6  # 3 epochs of adversarial training on digits
     for key in (
