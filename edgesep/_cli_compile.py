@@ -93,6 +93,87 @@ def _compile_tvm(bundle: Path, target: str, precision: str, batch: int, opt: str
             )
 
 
+def _tune_tvm(
+    bundle: Path,
+    target: str,
+    precision: str,
+    batch: int,
+    trials: int,
+    cc: str | None,
+    rpc: str | None,
+    tracker: str | None,
+    key: str | None,
+    emulated: bool,
+    builder: str,
+) -> None:
+    from edgesep.cli import _log, _table, out_console
+    from edgesep.runtimes.tvm_tune import tune_tvm
+
+    art = tune_tvm(
+        bundle, target, trials, precision=precision, batch=batch, cc=cc, rpc=rpc, tracker=tracker, key=key,
+        emulated=emulated, builder=builder, log=_log,
+    )  # fmt: skip
+    x, tu = art.extra, art.extra["tuning"]
+
+    def say(line: str, style: str | None = None) -> None:
+        out_console.print(line, style=style, highlight=False, markup=False, soft_wrap=True)
+
+    say(
+        f"added {art.file} to {bundle}: artifact {art.id} (kind {art.kind}, precision {art.precision}, target "
+        f"{art.target}, {x['arch']}), {art.size:,} bytes, sha256 {art.sha256}",
+        style="bold",
+    )
+    how = "rebuilt from the stored database" if tu["rebuilt_from_database"] else f"{tu['trials']} trials"
+    say(
+        f"TVM {x['tvm_version']}, MetaSchedule ({how}; builder {tu['builder']}, runner {tu['runner']}), static "
+        f"batch {x['batch']}, num-cores {tu['num_cores']}, {x['minutes']:.1f} min; database: report "
+        f"{tu['database']['report']} ({tu['database']['records']} records, {tu['database']['workloads']} workloads)"
+    )
+    rows = [["task", "MFLOP", "records", "best us", "GFLOP/s"]]
+    for t in tu["tasks"]:
+        tuned = t["best_us"] is not None
+        best = f"{t['best_us']:.2f}" if tuned else "UNTUNED"
+        gflops = f"{t['gflops']:.2f}" if tuned else "-"
+        rows.append([t["name"], f"{t['flops'] / 1e6:.3f}", str(t["valid_records"]), best, gflops])
+    out_console.print(_table("tasks (best measured candidate of each)", rows, left=1))
+    if tu["untuned_tasks"]:
+        say(
+            f"{len(tu['untuned_tasks'])} task(s) have no tuning record and run unscheduled (serial loop nests): "
+            f"{', '.join(tu['untuned_tasks'])}. Tune with more --tune-trials (at least one per task).",
+            style="bold yellow",
+        )
+    par = x["parity"]
+    say(
+        f"parity vs {par['vs']} on {par['n']} images ({par['inputs']}): max abs error {par['max_abs_err']:.2e}, "
+        f"max rel error {par['max_rel_err']:.2e}, top-1 agreement {100 * par['top1_agreement']:.2f}% "
+        f"(gate: {par['gate']})"
+    )
+    if "device_latency_ms" in x:
+        d = x["device_latency_ms"]
+        say(f"tuned TVM on the device: {d['tvm_on_device_ms']:.4f} ms per batch of {x['batch']} ({d['method']}).")
+        if d.get("meaningless"):
+            say(
+                f"These timings are MEANINGLESS: {d['meaningless']}. The emulated device checks correctness only.",
+                style="bold yellow",
+            )
+        say(f"No winner recorded for {art.target}: {d['note']}.")
+        return
+    h = x["host_latency_ms"]
+    lat = [["runtime", "ms"], ["TVM (tuned)", f"{h['tvm']:.4f}"], ["ONNX Runtime", f"{h['onnxruntime']:.4f}"]]
+    out_console.print(_table(f"host latency, batch {h['batch']}, median per call, TVM {h['tvm_threads']} threads", lat))
+    from edgesep.bundle import open_bundle
+
+    with open_bundle(bundle, verify=False) as b:
+        winner = next((a for a in b.manifest.artifacts if art.target in (a.extra.get("preferred_for") or [])), None)
+    if winner is not None:
+        style = "bold green" if winner.kind == "tvm-lib" else "bold yellow"
+        say(
+            f"recorded winner for {art.target}: {winner.id} ({winner.extra.get('preferred_reason')}); "
+            "edgesep.runtimes.load picks it.",
+            style=style,
+        )
+
+
 def _compile_tensorrt(bundle: Path, precision: str | None, batch: int | None) -> None:
     from edgesep.cli import out_console
 
@@ -149,11 +230,42 @@ def register(app: typer.Typer) -> None:
         cc: Annotated[
             str | None, typer.Option(help="Compiler that links the library (default: system or cross compiler).")
         ] = None,
+        tune_trials: Annotated[
+            int | None,
+            typer.Option(
+                help="tvm: tune with MetaSchedule, measuring N candidates in total (0: rebuild from the tuning "
+                "database stored in the bundle for this target and model). Without it: no-search pipelines.",
+                min=0,
+            ),
+        ] = None,
+        rpc: Annotated[
+            str | None, typer.Option(help="Tune on a device: HOST:PORT of a TVM RPC server there (trusted network).")
+        ] = None,
+        tracker: Annotated[
+            str | None, typer.Option(help="Tune on a device through a TVM RPC tracker: HOST:PORT (with --key).")
+        ] = None,
+        key: Annotated[str | None, typer.Option(help="Device key on the RPC tracker.")] = None,
+        emulated: Annotated[
+            bool, typer.Option(help="The RPC device is emulated (qemu): its timings are meaningless, no winner.")
+        ] = False,
+        tune_builder: Annotated[
+            str, typer.Option(help="inproc (build candidates in this process) | pool (worker processes).")
+        ] = "inproc",
     ) -> None:
         """Compile a bundle for a backend and target; prints the artifact, its sha256 and TVM vs ONNX Runtime."""
         if backend not in BACKENDS:
             raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        if backend == "tvm":
+        tuning_opts = tune_trials is not None or rpc or tracker or key or emulated
+        if tuning_opts and (backend != "tvm" or tune_trials is None):
+            raise ConfigError(
+                "--rpc, --tracker, --key and --emulated tune a TVM build: add --backend tvm --tune-trials N"
+            )
+        if backend == "tvm" and tune_trials is not None:
+            if opt != "default":
+                raise ConfigError("--opt picks a no-search pipeline; it does not combine with --tune-trials")
+            _tune_tvm(bundle, target, precision or "fp32", 1 if batch is None else batch, tune_trials, cc, rpc,
+                      tracker, key, emulated, tune_builder)  # fmt: skip
+        elif backend == "tvm":
             _compile_tvm(bundle, target, precision or "fp32", 1 if batch is None else batch, opt, cc)
         else:
             _compile_tensorrt(bundle, precision, batch)

@@ -1054,6 +1054,21 @@ class Bundle:
         self._commit(replace(self.manifest, artifacts=_replaced(self.manifest.artifacts, old, art)), dropped)
         return art
 
+    def set_artifact_extra(self, id: str, extra: Mapping[str, Any]) -> Artifact:
+        """Replace one artifact's ``extra`` (e.g. the recorded winner); its file and hash are untouched.
+
+        Raises:
+            BundleLookupError: no artifact has that id. ConfigError: ``extra`` is not plain JSON.
+        """
+        old = self.artifact(id=id)
+        try:
+            new = replace(old, extra=_json_dict(dict(extra), "extra"))
+        except ManifestError as e:
+            raise ConfigError(str(e)) from e
+        arts = tuple(new if a.id == id else a for a in self.manifest.artifacts)
+        self._commit(replace(self.manifest, artifacts=arts), [])
+        return new
+
     def add_eval_set(
         self,
         file: str,

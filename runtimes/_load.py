@@ -207,6 +207,9 @@ def select_artifact(
     a, b = best[0]
     if winners:
         reason = f"recorded winner for target {want!r} (artifact extra[{PREFERRED_KEY!r}])"
+        why = a.extra.get("preferred_reason")  # written with the measurement by edgesep.runtimes.tvm_tune
+        if isinstance(why, str) and why:
+            reason += f": {why}"
     else:
         reason = (
             f"default order among {len(cands)} match(es) for {asked_s}: backend {' > '.join(backends)}, precision "

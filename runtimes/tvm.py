@@ -12,7 +12,7 @@ Choices (also in the README, "Compile (TVM)"):
   elementwise ops into their producers), ``"dlight"`` is ``"fused"`` plus
   ``s_tir.dlight.ApplyDefaultSchedule(cpu.GEMV(), cpu.Reduction())`` (parallel, vectorized GEMV / reductions).
   None of them tiles a matmul or a convolution for the cache: every build is far slower than ONNX Runtime except on
-  tiny Kronecker kernels, until MetaSchedule tuning (a later issue). ``opt="default"`` builds all three for the
+  tiny Kronecker kernels, until tuned (``edgesep.runtimes.tvm_tune``). ``opt="default"`` builds all three for the
   host, checks each against ONNX Runtime, times each at the build's batch, and keeps the fastest correct one; the
   candidates' numbers go into the artifact's ``extra["pipeline_candidates"]``. Measured on this project's digits
   and MNIST MLP / Kronecker MLP / CNN (batch 1, x86, 2 cores; table in the README): ``"fused"`` won on every
@@ -713,6 +713,16 @@ def _io_shapes(vm: Any) -> tuple[list[int], list[int]] | None:
     return code[1 : 1 + n_in], code[2 + n_in : 2 + n_in + code[1 + n_in]]
 
 
+def _embedded_threads(vm: Any) -> int | None:
+    """The thread count a tuned library was scheduled for (its ``edgesep_num_threads``); None if it has none."""
+    try:
+        f = vm["edgesep_num_threads"]
+    except Exception:  # an untuned library, or one built elsewhere
+        return None
+    out = f()
+    return int(out.numpy()[0]) if hasattr(out, "numpy") else None
+
+
 def _check_batch(x: Any, in_shape: Sequence[int]) -> np.ndarray:
     x = np.asarray(x)
     if x.dtype != np.float32:
@@ -789,6 +799,12 @@ class TvmRuntime(Runtime):
             self._vm = relax.VirtualMachine(self._lib, self._dev)
         except Exception as e:
             raise BundleContentError(f"{self.path}: not a loadable TVM Relax library ({type(e).__name__}: {e})") from e
+        # a tuned library carries its target's num-cores (edgesep.runtimes.tvm_tune): start TVM's thread pool with
+        # that many threads (its own x86 default is half the logical cores) unless the caller or the environment
+        # chose; effective only if the pool has not started yet in this process (info() reports what runs)
+        self.threads_from_library = _embedded_threads(self._vm)
+        if threads is None and self.threads_from_library and "TVM_NUM_THREADS" not in os.environ:
+            os.environ["TVM_NUM_THREADS"] = str(self.threads_from_library)
         shapes = _io_shapes(self._vm)
         if shapes is None:
             if input_shape is None:
@@ -820,6 +836,7 @@ class TvmRuntime(Runtime):
             "target": self.target,
             "threads": _tvm_threads(self._tvm),
             "threads_requested": self.threads_requested,
+            "threads_from_library": self.threads_from_library,
             "batch": self.batch,
             "input_shape": list(self.input_shape),
             "output_shape": None if self.output_shape is None else list(self.output_shape),
