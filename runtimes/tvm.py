@@ -440,6 +440,31 @@ def _parity_inputs(bundle: Any, n: int) -> tuple[np.ndarray, str]:
     return rng.random((min(n, 64), *shape), dtype=np.float32), "uniform random images (the bundle has no eval set)"
 
 
+def open_source(bundle_path: str | os.PathLike, precision: str, batch: int, action: str) -> tuple[Any, Artifact]:
+    """Open a bundle for writing a TVM library into it and find the ONNX artifact it is built from.
+
+    ``action`` names the step in messages ("compile", "tune"). Raises BundleError (the bundle does not verify or is
+    a tar), BundleLookupError (no ONNX artifact of that precision: says how to add one), ConfigError (the ONNX has a
+    static batch other than ``batch``).
+    """
+    from edgesep.bundle import open_bundle_for_writing
+
+    bundle = open_bundle_for_writing(bundle_path, action, deep_onnx=True)
+    try:
+        src = bundle.artifact(kind="onnx", precision=precision)
+    except BundleLookupError as e:
+        hint = "; add it with `edgesep quantize`" if precision == "int8" else ""
+        raise BundleLookupError(f"{e}{hint}") from e
+    m = bundle.manifest
+    dims = list(m.input.shape)
+    if isinstance(dims[0], int) and dims[0] != batch:
+        raise ConfigError(
+            f"bundle {m.name!r} was exported with a static batch of {dims[0]}; {action} with batch={dims[0]} or "
+            "re-export with a symbolic batch"
+        )
+    return bundle, src
+
+
 def compile_tvm(
     bundle_path: str | os.PathLike,
     *,
@@ -495,21 +520,9 @@ def compile_tvm(
             f"compile_tvm imports ONNX and checks the build against ONNX Runtime ({e}); pip install 'edgesep[export]'"
         ) from e
 
-    from edgesep.bundle import open_bundle_for_writing
-
-    bundle = open_bundle_for_writing(bundle_path, "compile", deep_onnx=True)
-    try:
-        src = bundle.artifact(kind="onnx", precision=precision)
-    except BundleLookupError as e:
-        hint = "; add it with `edgesep quantize`" if precision == "int8" else ""
-        raise BundleLookupError(f"{e}{hint}") from e
+    bundle, src = open_source(bundle_path, precision, batch, "compile")
     m = bundle.manifest
     dims = list(m.input.shape)
-    if isinstance(dims[0], int) and dims[0] != batch:
-        raise ConfigError(
-            f"bundle {m.name!r} was exported with a static batch of {dims[0]}; compile with batch={dims[0]} or "
-            "re-export with a symbolic batch"
-        )
     in_shape = [batch, *(int(d) for d in dims[1:])]
     n_classes = len(m.classes)
     out_shape = [batch, n_classes]

@@ -72,7 +72,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgesep.errors import BackendMissingError, BundleLookupError, ConfigError, EdgesepError
+from edgesep.errors import BackendMissingError, ConfigError, EdgesepError
 from edgesep.runtimes import tvm as _tvm
 
 if TYPE_CHECKING:
@@ -557,21 +557,9 @@ def tune_tvm(
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
-    from edgesep.bundle import open_bundle_for_writing
-
-    bundle = open_bundle_for_writing(bundle_path, "tuning", deep_onnx=True)
-    try:
-        src = bundle.artifact(kind="onnx", precision=precision)
-    except BundleLookupError as e:
-        hint = "; add it with `edgesep quantize`" if precision == "int8" else ""
-        raise BundleLookupError(f"{e}{hint}") from e
+    bundle, src = _tvm.open_source(bundle_path, precision, batch, "tune")
     m = bundle.manifest
     dims = list(m.input.shape)
-    if isinstance(dims[0], int) and dims[0] != batch:
-        raise ConfigError(
-            f"bundle {m.name!r} was exported with a static batch of {dims[0]}; tune with batch={dims[0]} or "
-            "re-export with a symbolic batch"
-        )
     db_name = tuning_db_name(name, src.sha256)
     stored = load_tuning_database(bundle, name, src.sha256)
     if trials == 0 and stored is None:

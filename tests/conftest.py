@@ -58,3 +58,16 @@ def tiny_run(tmp_path_factory):
         return runs[model]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module, as under xdist: on a busy 2-core machine LAPACK's small SVDs / QRs (CondLR's
+    retraction and conditioning) run ~25x slower with 2 spinning threads than with 1. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

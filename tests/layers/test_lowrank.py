@@ -21,15 +21,7 @@ from edgesep.layers.lowrank import (
     sign_fixed_qr,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread, as under xdist: on a busy 2-core machine LAPACK's small SVDs / QRs (CondLR's retraction
-    and conditioning) run ~25x slower with 2 spinning threads than with 1."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize(
