@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -285,7 +286,8 @@ def bench(
                 pythonpath = transport.install_edgesep()
                 remote_bundle, uploaded = transport.put_bundle(Path(bundle.root))
                 log(f"bundle on {profile.id}: {remote_bundle} ({'uploaded' if uploaded else 'unchanged, not re-sent'})")
-            remote_out = f"{transport.workdir()}/results/{dest.name}"
+            # one name per run: concurrent benches of the same bundle on one device never share a result file
+            remote_out = f"{transport.workdir()}/results/{uuid.uuid4().hex[:12]}-{dest.name}"
             argv = transport.python_argv(
                 "-m", "edgesep.devices.runner", remote_bundle, "--artifact", art.id, "--backend", backend,
                 "--out", remote_out, "--profile-id", profile.id, "--transport", profile.transport,

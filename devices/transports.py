@@ -75,7 +75,7 @@ Log = Callable[[str], None]
 
 DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds: TCP connect, ssh banner and auth (the profile's connect_timeout wins)
 DISK_MARGIN_BYTES = 64 << 20  # free space kept on the device beyond what an upload needs (results, logs, pycache)
-BUNDLES_DIR = "bundles"  # <workdir>/bundles/<NAME>.bundle
+BUNDLES_DIR = "bundles"  # <workdir>/bundles/<NAME>.bundle-<manifest sha256[:12]>: keyed by content
 LIB_DIR = "lib"  # <workdir>/lib/edgesep: the device-side package; PYTHONPATH=<workdir>/lib
 _EOF_GRACE_S = 2.0  # after a remote exit status, how long to wait for the rest of the output (EOF)
 _PART = ".part"  # an upload in progress: <file>.part, renamed into place when complete
@@ -290,7 +290,7 @@ class Transport(ABC):
         return int(self._ops("free", path)["free"])
 
     def put_bundle(self, bundle_dir: Path) -> tuple[str, bool]:
-        """Upload a bundle directory to ``<workdir>/bundles/<name>``, sending only what differs (by sha256).
+        """Upload a bundle directory to ``<workdir>/bundles/<name>-<manifest sha256[:12]>``, sending only what differs.
 
         The local bundle is verified first. The remote copy is complete when its ``manifest.json`` and every file
         it lists match; files it does not list (stale ``.part`` files included) are removed. See the module
@@ -312,7 +312,10 @@ class Transport(ABC):
             files = {f.file: (b.root / f.file, f.sha256, f.size) for f in b.manifest.files()}
             mpath = b.root / MANIFEST_NAME
             files[MANIFEST_NAME] = (mpath, sha256_file(mpath), mpath.stat().st_size)
-        remote = posixpath.join(self.workdir(), BUNDLES_DIR, bundle_dir.resolve().name)
+        # keyed by name AND content: two benches of different bundles that share a name (or of one bundle before and
+        # after a compile added a library) never sync into the same directory
+        key = f"{bundle_dir.resolve().name}-{files[MANIFEST_NAME][1][:12]}"
+        remote = posixpath.join(self.workdir(), BUNDLES_DIR, key)
         sent = self._sync(files, remote, commit=MANIFEST_NAME, what=f"bundle {bundle_dir.name}")
         return remote, bool(sent)
 

@@ -194,10 +194,12 @@ def test_given_engine_is_measured_and_device_block_overridden(bundle, tmp_path):
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_during_latency_keeps_samples_as_partial(bundle, tmp_path, sig, code):
+    # --max-runs far above what 120 s can reach: on a quiet machine the default cap (100k runs of a ~15 us engine)
+    # would end the latency stage in seconds and the signal would land in the next stage
     out = tmp_path / "r.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgesep.devices.runner", str(bundle), "--out", str(out), "--min-seconds", "120",
-         "--stages", "latency,throughput", "--threads", "1"],
+         "--max-runs", "1000000000", "--stages", "latency,throughput", "--threads", "1"],
         stderr=subprocess.PIPE, text=True, cwd=REPO,
     )  # fmt: skip
     try:

@@ -393,7 +393,8 @@ def _tree_hashes(d: Path) -> dict[str, str]:
 
 def test_put_bundle_uploads_skips_and_resumes(ssh, digits_bundle, tmp_path):
     remote, uploaded = ssh.put_bundle(digits_bundle)
-    assert uploaded and remote == f"{tmp_path / 'loop-work'}/bundles/{digits_bundle.name}"
+    manifest_sha = hashlib.sha256((digits_bundle / "manifest.json").read_bytes()).hexdigest()
+    assert uploaded and remote == f"{tmp_path / 'loop-work'}/bundles/{digits_bundle.name}-{manifest_sha[:12]}"
     assert _tree_hashes(Path(remote)) == _tree_hashes(digits_bundle)  # same machine: compare with hashlib
     assert ssh.last_uploaded[-1] == "manifest.json"  # the commit point goes last
     with open_bundle(remote) as b:
@@ -423,7 +424,7 @@ def test_full_disk_is_refused_before_sending(ssh, digits_bundle, monkeypatch):
     monkeypatch.setattr(tr, "DISK_MARGIN_BYTES", free + 1)  # "the device" has less room than the margin
     with pytest.raises(DiskFullError, match=r"free space on the device, or set `workdir`"):
         ssh.put_bundle(digits_bundle)
-    assert not (Path(ssh.workdir()) / "bundles" / digits_bundle.name / "manifest.json").exists()
+    assert not list((Path(ssh.workdir()) / "bundles").glob(f"{digits_bundle.name}-*/manifest.json"))
 
 
 def test_files_hashes_free_disk(ssh, tmp_path):
