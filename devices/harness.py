@@ -324,7 +324,7 @@ def summarize(paths: Sequence[Path]) -> list[dict[str, Any]]:
         adv = acc["adversarial"][0] if acc["adversarial"] else None
         sq = acc["query"][0] if acc["query"] else None
         rows.append({
-            "file": str(p), "status": r["status"], "artifact": r["artifact"]["id"],
+            "file": str(p), "status": r["status"], "bundle": r["bundle"].get("name"), "artifact": r["artifact"]["id"],
             "backend": r["artifact"]["backend"], "precision": r["artifact"]["precision"],
             "device": r["device"].get("profile"), "emulated": r["device"].get("emulated", False),
             "clean": acc["clean"]["accuracy"] if acc["clean"] else None,

@@ -20,15 +20,16 @@ def print_summary(paths: list[Path], title: str) -> None:
 
     rows = summarize(paths)
     table = Table(title=escape(title))
-    cols = ("artifact", "backend", "device", "status", "clean", "transferred", "square", "top-1 agree", "p50 ms",
-            "p99 ms", "samples/s")  # fmt: skip
+    cols = ("bundle", "artifact", "backend", "device", "status", "clean", "transferred", "square", "top-1 agree",
+            "p50 ms", "p99 ms", "samples/s")  # fmt: skip
     for c in cols:
         # fold, never truncate: on a narrow terminal an ellipsis would hide the artifact ids and numbers
-        table.add_column(c, justify="left" if c in ("artifact", "backend", "device", "status") else "right",
+        table.add_column(c, justify="left" if c in ("bundle", "artifact", "backend", "device", "status") else "right",
                          overflow="fold")  # fmt: skip
     for r in rows:
         dev = f"{r['device']} (emulated)" if r["emulated"] else str(r["device"])
         table.add_row(
+            escape(str(r["bundle"])),
             escape(r["artifact"]), r["backend"], escape(dev), r["status"], _fmt(r["clean"]), _fmt(r["transferred"]),
             _fmt(r["square"]), _fmt(r["top1_agreement"]), _fmt(r["p50_ms"], 3), _fmt(r["p99_ms"], 3),
             _fmt(r["throughput"], 0),
