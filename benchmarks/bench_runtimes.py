@@ -44,6 +44,9 @@ from edgesep.runtimes import load
 from edgesep.runtimes.tvm import compile_tvm
 from edgesep.stats import model_stats
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_timing.py: helpers the scripts share
+from _timing import matmul_peak_gflops, time_ms
+
 DEFAULT_RUNS = [
     Path("runs/bench_accuracy/mnist-dense-e10"),
     Path("runs/bench_accuracy/mnist-kron-wide+cond-e10"),
@@ -54,31 +57,6 @@ CONTENDERS = [("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"
 
 def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def _time_ms(fn: Callable[[], Any], min_time: float, min_samples: int = 5) -> float:
-    """Median wall time of one call in ms: 2 warm-up calls, then calls until min_time and min_samples are met."""
-    for _ in range(2):
-        fn()
-    samples = []
-    t_end = time.perf_counter() + min_time
-    while time.perf_counter() < t_end or len(samples) < min_samples:
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(samples))
-
-
-def _matmul_peak_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 @contextmanager
@@ -165,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         # --- time: per (model, batch), all contenders interleaved in rounds ---
         rng = np.random.default_rng(0)
         with _paused(args.pause_pid):
-            result["matmul_peak_gflops"] = _matmul_peak_gflops(args.threads)
+            result["matmul_peak_gflops"] = matmul_peak_gflops(args.threads)
             _log(f"fp32 matmul peak (torch 2048^3, {args.threads} threads): {result['matmul_peak_gflops']:.1f} GFLOP/s")
             for name, model, shape, macs, per_batch in models:
                 for batch in args.batches:
@@ -189,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                         times: dict[tuple[str, str], list[float]] = {k: [] for k in fns}
                         for _ in range(args.rounds):
                             for key, fn in fns.items():
-                                times[key].append(_time_ms(fn, args.min_time))
+                                times[key].append(time_ms(fn, args.min_time))
                     med = {k: float(np.median(v)) for k, v in times.items()}
                     base_ms = med[("onnxruntime", "fp32")]
                     for (backend, prec), ms in med.items():

@@ -44,6 +44,9 @@ from edgesep.export import export_onnx
 from edgesep.runs import versions
 from edgesep.runtimes.tvm_tune import tune_tvm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_timing.py: helpers the scripts share
+from _timing import matmul_peak_gflops
+
 MODELS = ("dense_mlp", "kron_mlp", "cnn_small", "dense3x3", "gdws3x3", "resnet20")
 
 
@@ -101,18 +104,6 @@ def make_bundle(name: str, root: Path) -> Path:
     )
     b.add_artifact(onnx_path, "model.onnx", "onnx", "fp32")
     return b.root
-
-
-def matmul_peak_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,9 @@ from torch import nn
 from edgesep._io import atomic_write_json
 from edgesep.errors import ConfigError
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_timing.py: helpers the scripts share
+from _timing import time_ms
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
 LABELS = ("dense-mlp", "kron+cond", "kron", "condlr", "tt", "dense-cnn", "gdws")
@@ -193,19 +196,6 @@ def condition_numbers(model: nn.Module, dense_layers: list[str] = ()) -> dict[st
     return out
 
 
-def _time_ms(fn: Callable[[], Any], min_time: float, min_samples: int = 5) -> float:
-    """p50 wall time of one call in ms: 2 warm-up calls, then calls until min_time and min_samples are met."""
-    for _ in range(2):
-        fn()
-    samples = []
-    t_end = time.perf_counter() + min_time
-    while time.perf_counter() < t_end or len(samples) < min_samples:
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(samples))
-
-
 def time_dataset(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """{label: {"ort_b1_ms", "ort_b64_ms", "tvm_b1_ms"}}: every row's sessions in one process, interleaved in
     rounds (p50 per measurement, median over rounds)."""
@@ -226,7 +216,7 @@ def time_dataset(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[s
     times: dict[tuple[str, str], list[float]] = {k: [] for k in fns}
     for _ in range(args.rounds):
         for key, fn in fns.items():
-            times[key].append(_time_ms(fn, args.min_time))
+            times[key].append(time_ms(fn, args.min_time))
     out: dict[str, dict[str, float]] = {r["label"]: {} for r in rows}
     for (label, what), ts in times.items():
         out[label][what] = float(np.median(ts))

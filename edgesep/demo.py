@@ -191,11 +191,8 @@ def bench_demo(
 def _compile_tvm(deployed: list[dict[str, Any]], targets: list[str], log) -> list[str]:
     """TVM libraries (fp32, batch 1) for each bundle and target; a missing TVM or compiler is a note, not a failure."""
     from edgesep.errors import EdgesepError
+    from edgesep.runtimes.tvm import compile_tvm  # imports TVM lazily: a missing TVM is a BackendMissingError below
 
-    try:
-        from edgesep.runtimes.tvm import compile_tvm
-    except ImportError as e:  # pragma: no cover - runtimes/tvm.py imports TVM lazily
-        return [f"TVM skipped: {e}"]
     notes = []
     for d in deployed:
         for target in targets:
