@@ -14,8 +14,15 @@ For each artifact that the device can run (or the one ``artifact_id`` names):
 A result that is already complete in ``out/`` for the same artifact sha256, device and settings is kept and not
 re-measured (``force=True`` re-measures): re-running an interrupted ``edgesep bench`` resumes where it stopped.
 
-Which artifacts run by default: those built for the device's target (or portable, target ``any``) whose backend is
-installed on the device (probed once per run).
+Which artifacts run (``select``):
+
+- ``"winner"`` (the default): what an app would deploy there. Among the artifacts built for the device's target
+  (or portable, target ``any``) whose backend is installed on the device (probed once per run), one per precision:
+  the **recorded winner** for the target (``extra["preferred_for"]``, written with its measurement by
+  ``edgesep compile --tune-trials``; the same rule ``edgesep.runtimes.load`` follows), else the profile's runtime
+  first, then ``BACKEND_ORDER`` (ONNX Runtime, TVM, TensorRT), an artifact built for the exact target before a
+  portable one. Every choice is logged with its reason and stored in the result (``artifact.selected_because``).
+- ``"all"``: every such artifact (to compare runtimes and precisions side by side, as ``edgesep demo`` does).
 """
 
 from __future__ import annotations
@@ -35,9 +42,10 @@ from edgesep.devices._result import RESULT_KIND, load_result
 from edgesep.errors import BundleLookupError, ConfigError, EdgesepError
 from edgesep.runtimes._base import ARTIFACT_KINDS
 
-__all__ = ["BenchError", "BenchOptions", "bench", "device_artifacts", "result_name", "summarize"]
+__all__ = ["SELECT_MODES", "BenchError", "BenchOptions", "bench", "device_artifacts", "result_name", "summarize"]
 
 _BACKENDS = ("onnxruntime", "tvm", "tensorrt")
+SELECT_MODES = ("winner", "all")
 _PROBE = (
     "import importlib.util as u, importlib.metadata as md, json, platform, sys\n"
     "def v(*names):\n"
@@ -110,13 +118,22 @@ def _backend_for(a: Artifact, available: Sequence[str], preferred: str) -> str |
 
 
 def device_artifacts(
-    bundle: Bundle, profile: DeviceProfile, available: Sequence[str], artifact_id: str | None = None
-) -> list[tuple[Artifact, str]]:
-    """(artifact, backend) pairs to run on this device: the named one, or every one built for its target.
+    bundle: Bundle,
+    profile: DeviceProfile,
+    available: Sequence[str],
+    artifact_id: str | None = None,
+    select: str = "winner",
+) -> list[tuple[Artifact, str, str]]:
+    """(artifact, backend, why) triples to run on this device: the named one, the winner per precision, or all.
+
+    ``select`` is ``"winner"`` or ``"all"`` (see the module docstring); ``artifact_id`` overrides it.
 
     Raises:
+        ConfigError: an unknown ``select``.
         BundleLookupError: the named artifact is not in the bundle, or nothing in the bundle runs on this device.
     """
+    if select not in SELECT_MODES:
+        raise ConfigError(f"select must be one of {', '.join(SELECT_MODES)}, got {select!r}")
     tname = _target_name(profile)
     if artifact_id is not None:
         a = bundle.artifact(id=artifact_id)
@@ -126,7 +143,7 @@ def device_artifacts(
                 f"artifact {a.id} (kind {a.kind}) needs a backend that {profile.id} lacks (it has "
                 f"{list(available) or 'none'}); install one there, or pick another artifact"
             )
-        return [(a, b)]
+        return [(a, b, f"asked for (--artifact {a.id})")]
     pairs = []
     for a in bundle.manifest.artifacts:
         if a.target not in ("any", tname):
@@ -141,7 +158,45 @@ def device_artifacts(
             f"{list(available) or 'none'}); it has: {listing}. Compile for it: `edgesep compile BUNDLE --backend tvm "
             f"--target {tname}`, or install a runtime on the device"
         )
-    return pairs
+    if select == "all":
+        return [(a, b, f"--all: every artifact that runs on {profile.id} (target {tname})") for a, b in pairs]
+    return _winners(pairs, profile, tname)
+
+
+def _winners(pairs: list[tuple[Artifact, str]], profile: DeviceProfile, tname: str) -> list[tuple[Artifact, str, str]]:
+    """Per precision, the artifact an app deploys on this device, with the reason (module docstring)."""
+    from edgesep.runtimes._load import BACKEND_ORDER, PRECISION_ORDER, _preferred_for
+
+    order = [profile.runtime, *(b for b in (*BACKEND_ORDER, *_BACKENDS) if b != profile.runtime)]
+    precisions = sorted({a.precision for a, _ in pairs},
+                        key=lambda p: PRECISION_ORDER.index(p) if p in PRECISION_ORDER else len(PRECISION_ORDER))  # fmt: skip
+    out = []
+    for prec in precisions:
+        cands = [(a, b) for a, b in pairs if a.precision == prec]
+        won = [(a, b) for a, b in cands if tname in _preferred_for(a)]
+        pool = won or cands
+
+        def rank(ab: tuple[Artifact, str]) -> tuple[int, int, int]:
+            a, b = ab
+            kinds = ARTIFACT_KINDS.get(b, ())
+            return (order.index(b) if b in order else len(order), kinds.index(a.kind) if a.kind in kinds else 99,
+                    0 if a.target == tname else 1)  # fmt: skip
+
+        a, b = min(pool, key=rank)
+        others = [x.id for x, _ in cands if x.id != a.id]
+        if won:
+            why = f"recorded winner for target {tname!r}"
+            measured = a.extra.get("preferred_reason")
+            if isinstance(measured, str) and measured:
+                why += f": {measured}"
+        else:
+            why = (f"no recorded winner for target {tname!r} ({prec}): the profile's runtime {profile.runtime} "
+                   f"first, then {' > '.join(b for b in BACKEND_ORDER if b != profile.runtime)}; measure and record one "
+                   f"with `edgesep compile BUNDLE --backend tvm --target {tname} --tune-trials N`")  # fmt: skip
+        if others:
+            why += f"; not run: {', '.join(others)} (pass --all to compare them)"
+        out.append((a, b, why))
+    return out
 
 
 def _check_versions(profile: DeviceProfile, backends: set[str], found: dict[str, str | None]) -> None:
@@ -179,14 +234,17 @@ def _reusable(path: Path, artifact: Artifact, profile: DeviceProfile, options: B
     )
 
 
-def _stamp(path: Path, options: BenchOptions) -> None:
-    """Record the harness settings in the fetched result (so a complete result is reused only for the same)."""
+def _stamp(path: Path, options: BenchOptions, why: str | None = None) -> None:
+    """Record the harness settings (so a complete result is reused only for the same) and why the harness ran this
+    artifact (``artifact.selected_because``) in the fetched result."""
     from edgesep._io import atomic_write_json
 
     with contextlib.suppress(OSError, json.JSONDecodeError):
         r = json.loads(path.read_text())
         if isinstance(r, dict) and r.get("kind") == RESULT_KIND:
             r["settings"] = asdict(options)
+            if why and isinstance(r.get("artifact"), dict):
+                r["artifact"]["selected_because"] = why
             atomic_write_json(path, r)
 
 
@@ -223,12 +281,16 @@ def bench(
     out_dir: str | Path,
     *,
     artifact_id: str | None = None,
+    select: str = "winner",
     options: BenchOptions | None = None,
     trust_new_host: bool = False,
     force: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Run the bundle's artifacts on a device; returns the result files written into ``out_dir``.
+
+    ``select``: ``"winner"`` (per precision, the artifact an app deploys there; the default) or ``"all"``;
+    ``artifact_id`` runs that one artifact.
 
     Raises:
         ConfigError / UnknownNameError: a bad profile. BundleError: a bad bundle. BundleLookupError: no artifact to
@@ -262,12 +324,14 @@ def bench(
                     f"{profile.id} reports machine {probe['machine']!r} but its profile says arch {profile.arch!r}; "
                     f"fix the profile's arch (or the address), see `edgesep device check {profile.id}`"
                 )
-        pairs = device_artifacts(bundle, profile, available, artifact_id)
+        pairs = device_artifacts(bundle, profile, available, artifact_id, select)
+        for art, _, why in pairs:
+            log(f"{art.id} on {profile.id}: selected because {why}")
         if not rpc:
-            _check_versions(profile, {b for _, b in pairs}, probe.get("versions", {}))
+            _check_versions(profile, {b for _, b, _ in pairs}, probe.get("versions", {}))
         out_dir.mkdir(parents=True, exist_ok=True)
         remote_bundle = pythonpath = None
-        for art, backend in pairs:
+        for art, backend, why in pairs:
             dest = out_dir / result_name(bundle.name, art.id, profile.id)
             if not force and _reusable(dest, art, profile, options):
                 log(f"{art.id} on {profile.id}: complete result already in {dest} (same artifact and settings); kept")
@@ -279,7 +343,7 @@ def bench(
                     _run_rpc(bundle_path, bundle, art, transport, dest, options, profile, log)
                 finally:
                     if dest.is_file():
-                        _stamp(dest, options)
+                        _stamp(dest, options, why)
                         written.append(dest)
                 continue
             if remote_bundle is None:
@@ -298,7 +362,7 @@ def bench(
             fetched = False
             if transport.sha256(remote_out) is not None:
                 transport.get_file(remote_out, dest)
-                _stamp(dest, options)
+                _stamp(dest, options, why)
                 written.append(dest)
                 fetched = True
             if r.returncode != 0:
@@ -326,7 +390,7 @@ def summarize(paths: Sequence[Path]) -> list[dict[str, Any]]:
         rows.append({
             "file": str(p), "status": r["status"], "bundle": r["bundle"].get("name"), "artifact": r["artifact"]["id"],
             "backend": r["artifact"]["backend"], "precision": r["artifact"]["precision"],
-            "device": r["device"].get("profile"), "emulated": r["device"].get("emulated", False),
+            "selected_because": r["artifact"].get("selected_because"), "device": r["device"].get("profile"), "emulated": r["device"].get("emulated", False),
             "clean": acc["clean"]["accuracy"] if acc["clean"] else None,
             "transferred": adv["accuracy"] if adv else None,
             "transferred_attack": f"{adv['attack']} {adv['norm']} eps={adv['eps']:g}" if adv else None,

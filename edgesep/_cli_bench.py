@@ -41,6 +41,10 @@ def print_summary(paths: list[Path], title: str) -> None:
             "transferred = adversarial examples crafted white-box on the float model, replayed on the engine; "
             "square = query-only attack run against the engine itself (" + "; ".join(sorted(attacks)) + ")"
         )
+    for r in rows:
+        why = r.get("selected_because") or ""
+        if why and not why.startswith(("--all", "asked for")):
+            out_console.print(f"{escape(r['artifact'])} ran because: {escape(why)}")
     if any(r["emulated"] for r in rows):
         out_console.print("emulated device: latency numbers are meaningless (qemu-user); accuracy and numerics hold")
 
@@ -51,7 +55,17 @@ def register(app: typer.Typer) -> None:
         bundle: Annotated[Path, typer.Argument(help="The bundle (directory or .tar) to benchmark.")],
         device: Annotated[str, typer.Option("--device", "-d", help="Device profile id or .toml path.")] = "host",
         out: Annotated[Path, typer.Option(help="Folder for the result JSON files.")] = Path("results"),
-        artifact: Annotated[str | None, typer.Option(help="One artifact id (default: all that run there).")] = None,
+        artifact: Annotated[
+            str | None, typer.Option(help="One artifact id (default: per precision, the recorded winner there).")
+        ] = None,
+        all_artifacts: Annotated[
+            bool,
+            typer.Option(
+                "--all",
+                help="Run every artifact built for the device's target (default: per precision, the one an app "
+                "deploys there: the recorded winner, else the profile's runtime; each choice is printed with why).",
+            ),
+        ] = False,
         square_queries: Annotated[
             int, typer.Option(help="Query-only Square attack against the engine on the device (0: off).")
         ] = 0,
@@ -78,7 +92,7 @@ def register(app: typer.Typer) -> None:
             square_queries=square_queries, square_n=square_n, square_eps=square_eps, max_eval=max_eval,
             threads=threads,
         )  # fmt: skip
-        paths = bench(bundle, device, out, artifact_id=artifact, options=options, trust_new_host=trust_new_host,
-                      force=force, log=_log)  # fmt: skip
+        paths = bench(bundle, device, out, artifact_id=artifact, select="all" if all_artifacts else "winner",
+                      options=options, trust_new_host=trust_new_host, force=force, log=_log)  # fmt: skip
         print_summary(paths, f"edgesep bench: {bundle.name} on {device}")
         _log(f"results in {out}; turn them into a report with `edgesep report {out} --out report.html`")

@@ -182,7 +182,8 @@ def bench_demo(
     paths: list[Path] = []
     for d in deployed:
         log(f"benchmarking {d['bundle']} on {profile.id}")
-        paths += bench(d["bundle"], profile, results_dir, options=options, log=log)
+        # every artifact (fp32/INT8, ONNX Runtime/TVM): the demo compares them, not only what would be deployed
+        paths += bench(d["bundle"], profile, results_dir, select="all", options=options, log=log)
     build_report([results_dir], out / "report.html", title=f"edgesep demo on {profile.id}", formats=("html", "md"))
     return {"results": paths, "report_html": out / "report.html", "report_md": out / "report.md", "compile": notes,
             "device": profile.id}  # fmt: skip

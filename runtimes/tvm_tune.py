@@ -31,11 +31,15 @@ How the search runs with the PyPI wheel (apache-tvm 0.27.0.post1, apache-tvm-ffi
   ``rpi5``; a target dict without it is refused): MetaSchedule sizes its parallel loops by it. The library embeds
   it (``edgesep_num_threads``), and ``TvmRuntime`` starts TVM's thread pool with that many threads unless told
   otherwise: TVM's own default on x86 is half the logical cores (1 here), which would run a 2-core schedule on one.
-- **Budget.** ``trials`` is the total number of candidates measured; each task gets at most
-  ``ceil(trials / tasks)`` so that every task gets some (the task scheduler would otherwise spend everything on
-  the first). Tasks that get no trial (budget smaller than the task count, or every candidate failed) stay
-  unscheduled (serial loop nests, correct but slow): they are listed in ``extra["tuning"]["untuned_tasks"]``
-  and in the log.
+- **Budget.** ``trials`` is the total number of candidates measured. MetaSchedule's gradient task scheduler
+  gives every task one warm-up round, then spends each further round on the task whose weighted latency is
+  still falling fastest: the anchor convolutions and matmuls, not a reshape or a mean that a few candidates
+  settle. The round size is ``trials // (2 x tasks)`` (1 to 64), so the warm-up rounds take at most half the
+  budget and every task gets one (the stock 64 per round would spend a small budget on the first tasks). An
+  explicit ``max_trials_per_task`` caps each task instead (an equal split with ``ceil(trials / tasks)``: the
+  behaviour before the gradient allocation, kept to compare). Tasks that get no trial (budget smaller than the
+  task count, or every candidate failed) stay unscheduled (serial loop nests, correct but slow): they are listed
+  in ``extra["tuning"]["untuned_tasks"]`` and in the log.
 - **Database.** One MetaSchedule JSON database per (target, source model sha256), stored in the bundle as the
   report ``tuning-<target>-<sha256[:16]>`` (``reports/<name>.json``: hashed and verified with the bundle like
   every file; workloads and records as JSON, no pickle). Tuning again adds to it (the search starts from its best
@@ -485,7 +489,7 @@ def tune_tvm(
         key: the device key on the tracker (required with ``tracker``).
         emulated: the RPC device is an emulator (qemu): timings are recorded as meaningless, no winner.
         builder: ``"inproc"`` (default: build candidates in this process) or ``"pool"`` (worker processes).
-        max_trials_per_task: per-task cap (default ``ceil(trials / tasks)``).
+        max_trials_per_task: per-task cap (default none: the gradient scheduler allocates, see Budget above).
         number, repeat, min_repeat_ms: how each candidate is timed (defaults: 3, 1, 40 ms on the host; 1, 1, 0
             on an emulated device).
         runner_timeout_s: per-candidate run timeout (default 60 s; 600 s on an emulated device).
@@ -596,7 +600,12 @@ def tune_tvm(
         _write_jsonl(rec_path, [] if stored is None else stored["records"])
         db = ms.database.JSONDatabase(path_workload=str(wl_path), path_tuning_record=str(rec_path))
         n_before = len(db)
-        per_task = max_trials_per_task or (max(1, math.ceil(trials / len(tasks))) if tasks else 1)
+        n_tasks = max(len(tasks), 1)
+        if max_trials_per_task:
+            per_task, per_iter = max_trials_per_task, min(max_trials_per_task, _MAX_PER_ITER)
+        else:  # gradient allocation: one warm-up round per task within half the budget, the rest where it pays
+            per_task = max(trials, 1)
+            per_iter = max(1, min(_MAX_PER_ITER, trials // (2 * n_tasks) if trials >= 2 * n_tasks else 1))
         if trials > 0 and tasks:
             t = time.perf_counter()
             _import_cpu_tensor_intrinsics()
@@ -611,21 +620,22 @@ def tune_tvm(
                 timeout=runner_timeout_s or (600.0 if emulated else 60.0), **ev,
             )  # fmt: skip
             bld = _make_builder(builder, compiler, workers=_tvm._HOST_CORES)
-            pop = population or (512 if per_task >= _MAX_PER_ITER else 128)
+            pop = population or (512 if min(per_task, trials / n_tasks) >= _MAX_PER_ITER else 128)
             strategy = ms.search_strategy.EvolutionarySearch(population_size=pop)
             ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 tasks, str(wd), strategy=strategy, num_threads=_tvm._HOST_CORES, seed=seed
             )
             callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _progress_callback(log, task_names)]
             log(
-                f"  searching: {trials} trials, at most {per_task} per task, {min(per_task, _MAX_PER_ITER)} per "
-                f"round; builder {builder}, runner {'RPC' if remote else 'local'} ({ev})"
+                f"  searching: {trials} trials, "
+                + (f"at most {per_task} per task" if max_trials_per_task else "allocated by the gradient scheduler")
+                + f", {per_iter} per round; builder {builder}, runner {'RPC' if remote else 'local'} ({ev})"
             )
             t = time.perf_counter()
             with _tvm._keep_affinity(), _quiet_tvm_logging():
                 ms.tune_tasks(
                     tasks=ctxs, task_weights=weights, work_dir=str(wd), max_trials_global=trials,
-                    max_trials_per_task=per_task, num_trials_per_iter=min(per_task, _MAX_PER_ITER), builder=bld,
+                    max_trials_per_task=per_task, num_trials_per_iter=per_iter, builder=bld,
                     runner=runner, database=db, cost_model="xgb", measure_callbacks=callbacks,
                 )  # fmt: skip
             tune_s = time.perf_counter() - t
@@ -731,7 +741,9 @@ def tune_tvm(
         db_ref = bundle.add_report(db_name, db_obj)
         tuning = {
             "trials": trials,
-            "trials_per_task_max": per_task,
+            "allocation": "per-task cap" if max_trials_per_task else "gradient",
+            "trials_per_task_max": per_task if max_trials_per_task else None,
+            "trials_per_round": per_iter,
             "search_s": round(tune_s, 2),
             "new_records": n_new,
             "tasks": task_rows,

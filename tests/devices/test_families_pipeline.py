@@ -92,7 +92,7 @@ def _check(bundle: Path, paths: list[Path], device: str, backends: set[tuple[str
 @pytest.mark.parametrize("family", ["gdws", "lowrank", "tt"])
 def test_family_bench_on_host(family, family_bundles, tmp_path):
     b = family_bundles[family]
-    paths = bench(b, "host", tmp_path / "res", options=TINY, log=_quiet)
+    paths = bench(b, "host", tmp_path / "res", select="all", options=TINY, log=_quiet)
     _check(b, paths, "host", {("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("tvm", "fp32")})
 
 
@@ -100,6 +100,6 @@ def test_family_bench_on_host(family, family_bundles, tmp_path):
 @pytest.mark.parametrize("family", ["gdws", "lowrank", "tt"])
 def test_family_bench_on_the_emulated_arm64_device(family, family_bundles, arm64_root, tmp_path):
     b = family_bundles[family]
-    paths = bench(b, "arm64-qemu", tmp_path / "res", options=TINY, log=_quiet)
+    paths = bench(b, "arm64-qemu", tmp_path / "res", select="all", options=TINY, log=_quiet)
     _check(b, paths, "arm64-qemu", {("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("tvm", "fp32")})
     assert all(load_result(p)["environment"]["machine"] == "aarch64" for p in paths)

@@ -20,7 +20,7 @@ import pytest
 from edgesep.cli import main
 from edgesep.devices._result import load_result
 from edgesep.devices.harness import BenchError, BenchOptions, bench, result_name, summarize
-from edgesep.errors import BundleLookupError
+from edgesep.errors import BundleLookupError, ConfigError
 
 FAST = BenchOptions(min_runs=20, min_seconds=0.05, warmup=2, throughput_seconds=0.05, square_queries=10, square_eps=0.1,
                     square_n=10, max_eval=100)  # fmt: skip
@@ -66,7 +66,7 @@ def _check_against_ort(bundle: Path, result: dict) -> None:
 def test_host_bench_runs_every_artifact_and_resumes(bundle, tmp_path):
     out = tmp_path / "results"
     lines: list[str] = []
-    paths = bench(bundle, "host", out, options=FAST, log=lines.append)
+    paths = bench(bundle, "host", out, select="all", options=FAST, log=lines.append)
     manifest = json.loads((bundle / "manifest.json").read_text())
     ids = {a["id"] for a in manifest["artifacts"]}
     assert {p.name for p in paths} == {result_name(manifest["name"], i, "host") for i in ids}
@@ -80,7 +80,7 @@ def test_host_bench_runs_every_artifact_and_resumes(bundle, tmp_path):
     # a second run keeps complete results with the same artifact and settings
     mtimes = {p: p.stat().st_mtime_ns for p in paths}
     lines.clear()
-    again = bench(bundle, "host", out, options=FAST, log=lines.append)
+    again = bench(bundle, "host", out, select="all", options=FAST, log=lines.append)
     assert sorted(again) == sorted(paths) and all(p.stat().st_mtime_ns == mtimes[p] for p in paths)
     assert sum("already in" in ln for ln in lines) == len(paths)
     # other settings or --force re-measure
@@ -89,6 +89,47 @@ def test_host_bench_runs_every_artifact_and_resumes(bundle, tmp_path):
     assert len(forced) == 1 and forced[0].stat().st_mtime_ns != mtimes[forced[0]]
     rows = summarize(paths)
     assert {r["artifact"] for r in rows} == ids and all(r["status"] == "complete" for r in rows)
+
+
+def test_bench_runs_the_recorded_winner_by_default_and_says_why(bundle, tmp_path, capsys, monkeypatch):
+    from edgesep.bundle import open_bundle
+    from edgesep.cli import out_console
+    from edgesep.runtimes import load
+    from edgesep.runtimes.tvm import compile_tvm
+    from edgesep.runtimes.tvm_tune import record_winner
+
+    # no winner recorded: one artifact per precision, the profile's runtime (ONNX Runtime) first, and why
+    lines: list[str] = []
+    paths = bench(bundle, "host", tmp_path / "r1", options=FAST, log=lines.append)
+    got = {load_result(p)["artifact"]["id"]: load_result(p)["artifact"]["selected_because"] for p in paths}
+    assert set(got) == {"onnx-fp32-any", "onnx-int8-any"}
+    assert all("no recorded winner for target 'host'" in why for why in got.values())
+    # a TVM library for this machine, recorded as the winner for 'host' (as `edgesep compile --tune-trials` does)
+    art = compile_tvm(bundle, target="host", opt="fused", log=lambda _: None)
+    with open_bundle(bundle) as b:
+        record_winner(b, "host", art.id, "tuned TVM 0.01 ms vs ONNX Runtime 0.02 ms (test)", {"tvm_ms": 0.01})
+    with load(bundle) as s:  # the app's API picks the same artifact
+        assert s.artifact.id == art.id
+    lines.clear()
+    paths = bench(bundle, "host", tmp_path / "r2", options=FAST, log=lines.append)
+    results = {load_result(p)["artifact"]["id"]: load_result(p) for p in paths}
+    assert set(results) == {art.id, "onnx-int8-any"}  # fp32: the winner, not the ONNX file; int8 unchanged
+    r = results[art.id]
+    assert r["artifact"]["backend"] == "tvm" and r["status"] == "complete"
+    why = r["artifact"]["selected_because"]
+    assert why.startswith("recorded winner for target 'host': tuned TVM 0.01 ms") and "onnx-fp32-any" in why
+    assert "--all" in why and any(f"{art.id} on host: selected because recorded winner" in ln for ln in lines)
+    _check_against_ort(bundle, r)  # the library agrees with ONNX Runtime fp32 (same clean accuracy)
+    # the CLI says why under its table; --all runs every artifact
+    monkeypatch.setattr(out_console, "width", 220)
+    capsys.readouterr()
+    assert main(["bench", str(bundle), "--out", str(tmp_path / "r2"), "--min-runs", "20", "--min-seconds", "0.05",
+                 "--max-eval", "100"]) == 0  # fmt: skip
+    assert f"{art.id} ran because: recorded winner for target 'host'" in capsys.readouterr().out
+    every = bench(bundle, "host", tmp_path / "r3", select="all", options=FAST, log=lambda _: None)
+    assert {load_result(p)["artifact"]["id"] for p in every} == {"onnx-fp32-any", "onnx-int8-any", art.id}
+    with pytest.raises(ConfigError, match="winner, all"):
+        bench(bundle, "host", tmp_path / "r4", select="best", options=FAST, log=lambda _: None)
 
 
 def test_missing_artifact_and_bad_out_are_one_line_errors(bundle, tmp_path, capsys):

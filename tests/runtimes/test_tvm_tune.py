@@ -53,7 +53,7 @@ def exported(tmp_path_factory, tiny_run) -> Path:
 
 @pytest.fixture(scope="module")
 def tuned(exported, tmp_path_factory) -> tuple[Path, list[str]]:
-    """A copy tuned for the host with 2 trials in total (1 per task at most): 2 of the 4 tasks get none."""
+    """A copy tuned for the host with 2 trials in total (1 per round): 2 of the 4 tasks get none."""
     b = Path(shutil.copytree(exported, tmp_path_factory.mktemp("tuned") / "mlp.bundle"))
     lines: list[str] = []
     tune_tvm(b, "host", 2, log=lines.append)
@@ -75,7 +75,8 @@ def test_tasks_without_trials_are_reported(tuned):
     with open_bundle(b) as bundle:
         art = bundle.artifact(id="tvm-lib-fp32-host")
     tu = art.extra["tuning"]
-    assert art.extra["tuned"] is True and tu["trials"] == 2 and tu["trials_per_task_max"] == 1
+    assert art.extra["tuned"] is True and tu["trials"] == 2 and tu["trials_per_round"] == 1
+    assert tu["allocation"] == "gradient" and tu["trials_per_task_max"] is None
     assert len(tu["tasks"]) == N_TASKS
     no_record = [t["name"] for t in tu["tasks"] if t["valid_records"] == 0]
     assert len(no_record) >= N_TASKS - 2  # at most one trial each for two tasks, none for the others
@@ -83,6 +84,23 @@ def test_tasks_without_trials_are_reported(tuned):
     assert all(t["best_us"] is None for t in tu["tasks"] if t["name"] in no_record)
     warning = [line for line in lines if "WARNING" in line]
     assert len(warning) == 1 and all(name in warning[0] for name in no_record)
+
+
+def test_gradient_allocation_warms_every_task_up_within_the_budget(exported, tmp_path):
+    # 12 trials for 4 tasks: rounds of 12 // 8 = 1, so the round-robin warm-up takes 4 and every task is scheduled;
+    # the per-task cap (the equal split) is the explicit alternative
+    b = Path(shutil.copytree(exported, tmp_path / "mlp.bundle"))
+    lines: list[str] = []
+    art = tune_tvm(b, "host", 12, log=lines.append)
+    tu = art.extra["tuning"]
+    assert tu["untuned_tasks"] == [] and art.extra["scheduled"] is True, (tu["tasks"], lines)
+    assert tu["trials_per_round"] == 1 and tu["allocation"] == "gradient"
+    assert sum(t["valid_records"] for t in tu["tasks"]) <= 12, tu["tasks"]
+    assert any("allocated by the gradient scheduler, 1 per round" in ln for ln in lines)
+    capped = tune_tvm(Path(shutil.copytree(exported, tmp_path / "capped.bundle")), "host", 4, max_trials_per_task=1,
+                      log=lines.append)  # fmt: skip
+    assert capped.extra["tuning"]["allocation"] == "per-task cap"
+    assert capped.extra["tuning"]["trials_per_task_max"] == 1
 
 
 def test_tuned_library_matches_onnxruntime(tuned):
