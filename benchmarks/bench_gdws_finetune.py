@@ -1,13 +1,16 @@
 """GDWS + a short fine-tune (BEYOND the paper, which never retrains): does it close the gap at 2x fewer conv MACs?
 
-The pretrained resnet20 (cifar10_jpeg) is converted post-training (MEGO per layer, unweighted, every conv but the
-first) at each ``--budgets`` conv-MAC fraction; BatchNorm statistics recalibrated on ``--bn-n`` training images; then
-the GDWS network itself (its depthwise and 1x1 weights, not a folded dense conv) is fine-tuned for ``--epochs`` on the
-first ``--max-train`` training images (SGD momentum 0.9, lr ``--lr`` cosine, weight decay 5e-4, random crop + flip).
-The original gets the same recipe as a control. Clean accuracy on the seeded ``--n-test`` test subset (the same
-subset as ``bench_gdws.py``).
+The pretrained resnet20 (cifar10_jpeg) is converted post-training (``--allocation``: MEGO per layer by default,
+or ``equal``: the same g for every channel of a layer, which runs as plain depthwise-separable branches;
+unweighted, every conv but the first) at each ``--budgets`` conv-MAC fraction; BatchNorm statistics recalibrated
+on ``--bn-n`` training images; then the GDWS network itself (its depthwise and 1x1 weights, not a folded dense
+conv) is fine-tuned for ``--epochs`` on the first ``--max-train`` training images (SGD momentum 0.9, lr ``--lr``
+cosine, weight decay 5e-4, random crop + flip). The original gets the same recipe as a control (``--no-control``
+skips it). Clean accuracy on the seeded ``--n-test`` test subset (the same subset as ``bench_gdws.py``).
 
     python benchmarks/bench_gdws_finetune.py --out benchmarks/results/gdws_finetune.json
+    python benchmarks/bench_gdws_finetune.py --allocation equal --budgets 0.53 --no-control \
+        --out benchmarks/results/gdws_finetune_equal.json
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bn-n", type=int, default=500)
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--allocation", default="uniform", help="uniform (MEGO per layer) or equal (same g per channel)")
+    ap.add_argument("--no-control", action="store_true", help="skip fine-tuning the original (the control)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -106,15 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     ctrl = copy.deepcopy(base)
     t0 = time.perf_counter()
     res["original"] = {"accuracy": accuracy(base, xe, ye)}
-    fine_tune(ctrl, xtr, ytr, epochs=args.epochs, lr=args.lr)
-    res["original"]["accuracy_fine_tuned"] = accuracy(ctrl, xe, ye)
+    if not args.no_control:
+        fine_tune(ctrl, xtr, ytr, epochs=args.epochs, lr=args.lr)
+        res["original"]["accuracy_fine_tuned"] = accuracy(ctrl, xe, ye)
     res["original"]["seconds"] = round(time.perf_counter() - t0, 1)
     print("original", res["original"], flush=True)
     save()
     for budget in args.budgets:
         t0 = time.perf_counter()
-        model, rep = convert_model(base, (3, 32, 32), mac_budget=budget, allocation="uniform")
-        row = {"mac_budget": budget, "conv_mac_reduction": rep["conv_mac_reduction"],
+        model, rep = convert_model(base, (3, 32, 32), mac_budget=budget, allocation=args.allocation)
+        row = {"mac_budget": budget, "allocation": args.allocation, "conv_mac_reduction": rep["conv_mac_reduction"],
+               "g_per_layer": {r["name"]: r["g_max"] for r in rep["layers"]},
                "accuracy": accuracy(model, xe, ye)}  # fmt: skip
         recalibrate_bn(model, x_bn)
         row["accuracy_bn_recalib"] = accuracy(model, xe, ye)

@@ -168,8 +168,10 @@ def _winners(pairs: list[tuple[Artifact, str]], profile: DeviceProfile, tname: s
     from edgesep.runtimes._load import BACKEND_ORDER, PRECISION_ORDER, _preferred_for
 
     order = [profile.runtime, *(b for b in (*BACKEND_ORDER, *_BACKENDS) if b != profile.runtime)]
-    precisions = sorted({a.precision for a, _ in pairs},
-                        key=lambda p: PRECISION_ORDER.index(p) if p in PRECISION_ORDER else len(PRECISION_ORDER))  # fmt: skip
+    def prank(p: str) -> int:
+        return PRECISION_ORDER.index(p) if p in PRECISION_ORDER else len(PRECISION_ORDER)
+
+    precisions = sorted({a.precision for a, _ in pairs}, key=prank)
     out = []
     for prec in precisions:
         cands = [(a, b) for a, b in pairs if a.precision == prec]
@@ -190,9 +192,10 @@ def _winners(pairs: list[tuple[Artifact, str]], profile: DeviceProfile, tname: s
             if isinstance(measured, str) and measured:
                 why += f": {measured}"
         else:
+            rest = " > ".join(b for b in BACKEND_ORDER if b != profile.runtime)
             why = (f"no recorded winner for target {tname!r} ({prec}): the profile's runtime {profile.runtime} "
-                   f"first, then {' > '.join(b for b in BACKEND_ORDER if b != profile.runtime)}; measure and record one "
-                   f"with `edgesep compile BUNDLE --backend tvm --target {tname} --tune-trials N`")  # fmt: skip
+                   f"first, then {rest}; measure and record one with "
+                   f"`edgesep compile BUNDLE --backend tvm --target {tname} --tune-trials N`")  # fmt: skip
         if others:
             why += f"; not run: {', '.join(others)} (pass --all to compare them)"
         out.append((a, b, why))
@@ -390,7 +393,8 @@ def summarize(paths: Sequence[Path]) -> list[dict[str, Any]]:
         rows.append({
             "file": str(p), "status": r["status"], "bundle": r["bundle"].get("name"), "artifact": r["artifact"]["id"],
             "backend": r["artifact"]["backend"], "precision": r["artifact"]["precision"],
-            "selected_because": r["artifact"].get("selected_because"), "device": r["device"].get("profile"), "emulated": r["device"].get("emulated", False),
+            "selected_because": r["artifact"].get("selected_because"), "device": r["device"].get("profile"),
+            "emulated": r["device"].get("emulated", False),
             "clean": acc["clean"]["accuracy"] if acc["clean"] else None,
             "transferred": adv["accuracy"] if adv else None,
             "transferred_attack": f"{adv['attack']} {adv['norm']} eps={adv['eps']:g}" if adv else None,

@@ -16,8 +16,10 @@ Choices (see docs/gdws.md):
 - **Budgets**: ``beta`` runs LEGO in every converted layer with the same bound (the paper's Algorithm 3).
   ``mac_budget`` F keeps at most F times the MACs of the converted convs, allocated by ``allocation``:
   ``"lego"`` (bisection on a common beta: the paper's construction hitting a complexity target), ``"uniform"``
-  (MEGO per layer, each layer F of its MACs) or ``"greedy"`` (one global ranking of every kernel by
-  alpha s^2 / MACs-per-kernel).
+  (MEGO per layer, each layer F of its MACs), ``"greedy"`` (one global ranking of every kernel by
+  alpha s^2 / MACs-per-kernel) or ``"equal"`` (every channel of a layer gets the same g, the largest whose MACs
+  fit F of the layer's: the top-g singular triplets of every channel, optimal under that constraint; not optimal
+  in error, but the layer then runs as g plain depthwise-separable branches, the form CPUs run fastest).
 - **Which convs**: every ``nn.Conv2d`` with a kernel larger than 1 x 1 and groups = 1, except the first conv of
   the model (``skip_first``; it has 1-3 input channels, nothing to gain); grouped / depthwise convs are skipped
   and listed with the reason.
@@ -60,7 +62,7 @@ __all__ = [
     "recalibrate_bn",
 ]
 
-ALLOCATIONS = ("lego", "uniform", "greedy")
+ALLOCATIONS = ("lego", "uniform", "greedy", "equal")
 TRANSFORM_KIND = "gdws"
 
 # registered model name -> (checkpoint below <shared>/models, dataset, dataset directory below <shared>/data)
@@ -249,6 +251,17 @@ def _allocate(
         return {
             ly.name: mego(ly.scores, int(mac_budget * ly.dense_macs // ly.cost), min_keep=min_keep) for ly in layers
         }, info
+    if allocation == "equal":
+        gs, forced = {}, []
+        for ly in layers:
+            c, r = ly.scores.shape
+            g = min(int(mac_budget * ly.dense_macs // (ly.cost * c)), r)
+            if g < 1:
+                forced.append(ly.name)
+                g = 1  # one kernel per channel (DWS) is the least an equal allocation keeps
+            gs[ly.name] = [g] * c
+        info["forced"] = forced
+        return gs, info
     if allocation == "greedy":
         g = {ly.name: [0] * ly.scores.shape[0] for ly in layers}
         items = []  # (value per MAC, layer index, channel, kernel index)
@@ -319,7 +332,7 @@ def convert_model(
         allocation: "lego", "uniform" or "greedy" (only with mac_budget).
         skip_first: leave the model's first conv dense.
         min_keep: kernels kept at least per layer (>= 1); a layer forced up to it is listed in ``warnings``.
-        form: deployment form of every GDWS layer ("auto": multiplier when the allocation is uniform).
+        form: deployment form of every GDWS layer ("auto": branches when a layer's g_c are all equal, else gather).
         layers: convert only these convs (default: ``find_targets``).
     Returns:
         (converted model in the input model's train/eval mode, JSON-ready report).
@@ -523,7 +536,7 @@ def recalibrate_bn(model: nn.Module, x: Tensor | np.ndarray, *, batch_size: int 
 
 
 def _layer_onnx(layer: nn.Module, form: str, in_shape: Sequence[int], batch: int) -> bytes:
-    """A one-layer ONNX graph (opset 18) of ``layer`` in ``form`` ("dense", "gather" or "multiplier")."""
+    """A one-layer ONNX graph (opset 18) of ``layer`` in ``form`` ("dense", "gather", "multiplier" or "branches")."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -549,6 +562,31 @@ def _layer_onnx(layer: nn.Module, form: str, in_shape: Sequence[int], batch: int
             inits.append(numpy_helper.from_array(arr(layer.bias), "b"))
             ins.append("b")
         nodes.append(helper.make_node("Conv", ins, ["y"], **conv_attrs))
+    elif form == "branches":
+        from edgesep.layers.gdws import gdws_branches
+
+        dw, pw = arr(layer.dw_weight), arr(layer.pw_weight)
+        prev = None
+        for i, (chans, pos) in enumerate(gdws_branches(layer.g)):
+            src = "x"
+            if chans is not None:
+                inits.append(numpy_helper.from_array(np.asarray(chans, dtype=np.int64), f"idx{i}"))
+                nodes.append(helper.make_node("Gather", ["x", f"idx{i}"], [f"x{i}"], axis=1))
+                src = f"x{i}"
+            inits.append(numpy_helper.from_array(dw[pos], f"dw{i}"))
+            inits.append(numpy_helper.from_array(pw[:, pos], f"pw{i}"))
+            nodes.append(helper.make_node("Conv", [src, f"dw{i}"], [f"t{i}"], group=len(pos), **conv_attrs))
+            ins = [f"t{i}", f"pw{i}"]
+            if i == 0 and layer.bias is not None:
+                inits.append(numpy_helper.from_array(arr(layer.bias), "b"))
+                ins.append("b")
+            nodes.append(helper.make_node("Conv", ins, [f"u{i}"], kernel_shape=[1, 1]))
+            if prev is not None:
+                nodes.append(helper.make_node("Add", [prev, f"u{i}"], [f"s{i}"]))
+                prev = f"s{i}"
+            else:
+                prev = f"u{i}"
+        nodes.append(helper.make_node("Identity", [prev], ["y"]))
     else:
         src = "x"
         if form == "gather":
@@ -597,7 +635,7 @@ def layer_timers(
     layer: GDWSConv2d, in_shape: Sequence[int], runtime: str, *, batch: int = 1, threads: int | None = None
 ) -> dict[str, Callable[[], Any]]:
     """{form: zero-argument callable running the layer once} for "dense" (folded) and the GDWS forms available."""
-    forms = ["dense", "gather"] + (["multiplier"] if layer.uniform else [])
+    forms = ["dense", "gather", "branches"] + (["multiplier"] if layer.uniform else [])
     x = torch.rand(batch, *in_shape)
     fns: dict[str, Callable[[], Any]] = {}
     if runtime == "torch":

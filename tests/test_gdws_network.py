@@ -94,7 +94,7 @@ def test_alphas_match_the_per_example_reference_in_eval_mode_and_restore_modes()
 
 def test_convert_meets_the_mac_budget_and_counts_like_torch():
     model = _small_cnn().eval()
-    for alloc in ("lego", "uniform", "greedy"):
+    for alloc in ("lego", "uniform", "greedy", "equal"):
         new, rep = convert_model(model, (1, 12, 12), mac_budget=0.5, allocation=alloc)
         assert rep["converted_macs_after"] <= 0.5 * rep["converted_macs_before"]
         saved = rep["conv_macs_before"] - rep["conv_macs_after"]
@@ -105,6 +105,30 @@ def test_convert_meets_the_mac_budget_and_counts_like_torch():
         convert_model(model, (1, 12, 12))
     with pytest.raises(ConfigError, match=r"\(0, 1\]"):
         convert_model(model, (1, 12, 12), mac_budget=1.5)
+
+
+def test_equal_allocation_is_the_largest_equal_g_that_fits_each_layer():
+    import math
+
+    model = _small_cnn().eval()
+    new, rep = convert_model(model, (1, 12, 12), mac_budget=0.5, allocation="equal")
+    for r in rep["layers"]:
+        conv = model.get_submodule(r["name"])
+        k2, c, m = math.prod(conv.kernel_size), conv.in_channels, conv.out_channels
+        g = r["g_min"]
+        assert r["g_max"] == g and new.get_submodule(r["name"]).form == "branches"
+        assert g * c * (k2 + m) <= 0.5 * m * c * k2 < (g + 1) * c * (k2 + m)  # per output pixel
+    # within an equal g, keeping every channel's top-g triplets is the optimum: the error is the per-layer tail sum
+    from edgesep.layers.gdws import channel_svd
+
+    for r in rep["layers"]:
+        s = channel_svd(model.get_submodule(r["name"]).weight).s
+        assert r["frobenius_error"] == pytest.approx(float((s[:, r["g_min"] :] ** 2).sum()), rel=1e-9)
+    x = torch.rand(3, 1, 12, 12)
+    torch.testing.assert_close(new(x), fold_model(new)(x), atol=1e-5, rtol=1e-5)
+    # a budget below one kernel per channel keeps one (plain DWS) and says so
+    _, rep = convert_model(model, (1, 12, 12), mac_budget=0.01, allocation="equal")
+    assert all(r["g_max"] == 1 for r in rep["layers"]) and rep["warnings"]
 
 
 def test_beta_zero_is_exact_and_a_huge_beta_keeps_one_kernel_and_says_so():

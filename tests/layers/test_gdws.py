@@ -138,7 +138,7 @@ def test_exact_at_full_rank(m, c, k):
     layer = GDWSConv2d.from_conv(conv, [r] * c)
     np.testing.assert_allclose(_np_fold(layer), conv.weight.detach().numpy(), atol=1e-12)
     x = torch.randn(2, c, 7, 6, dtype=torch.float64)
-    for form in ("gather", "multiplier"):
+    for form in ("gather", "multiplier", "branches"):
         torch.testing.assert_close(layer.set_form(form)(x), conv(x), atol=1e-11, rtol=1e-11)
 
 
@@ -159,7 +159,7 @@ def test_exact_when_g_equals_the_rank_of_each_channel_block():
 def test_dws_special_case_is_a_depthwise_then_pointwise_conv():
     conv = _conv(c=4, m=6, k=3, bias=True, padding=1, stride=2)
     layer = GDWSConv2d.from_conv(conv, [1] * 4)
-    assert layer.form == "multiplier"
+    assert layer.form == "branches"  # "auto" for equal g: one plain depthwise-separable branch here
     # an ordinary depthwise-separable pair built from numpy's top singular triplets
     w = conv.weight.detach().numpy()
     dw = nn.Conv2d(4, 4, 3, padding=1, stride=2, groups=4, bias=False).double()
@@ -207,6 +207,7 @@ def test_forms_and_folded_conv_agree_with_the_dense_reference(kw):
             conv.dilation,
         )
         torch.testing.assert_close(layer.set_form("gather")(x), ref, atol=1e-11, rtol=1e-11)
+        torch.testing.assert_close(layer.set_form("branches")(x), ref, atol=1e-11, rtol=1e-11)
         torch.testing.assert_close(layer.to_conv()(x), ref, atol=1e-11, rtol=1e-11)
         if layer.uniform:
             torch.testing.assert_close(layer.set_form("multiplier")(x), ref, atol=1e-11, rtol=1e-11)
@@ -223,7 +224,7 @@ def test_macs_match_torch_flop_counter():
     conv = _conv(c=6, m=8, k=3, padding=1, stride=2).float()
     layer = GDWSConv2d.from_conv(conv, [1, 2, 0, 3, 1, 1]).float()
     x = torch.zeros(1, 6, 11, 11)
-    for form in ("gather",):
+    for form in ("gather", "branches"):  # the same MACs in both forms
         with FlopCounterMode(display=False) as fc:
             layer.set_form(form)(x)
         assert fc.get_total_flops() // 2 == layer.macs((11, 11)) == gdws_macs(layer.g, 8, (3, 3), (6, 6))
@@ -238,12 +239,32 @@ def test_one_layer_onnx_graphs_match_torch_with_the_reference_evaluator():
     from edgesep.gdws import _layer_onnx
 
     conv = _conv(c=3, m=4, k=3, bias=True, padding=1, stride=2, seed=5).float()
-    layer = GDWSConv2d.from_conv(conv, [2, 2, 2]).float()
     x = torch.rand(2, 3, 9, 9)
-    want = layer(x).detach().numpy()
-    for form in ("dense", "gather", "multiplier"):
-        got = ReferenceEvaluator(_layer_onnx(layer, form, (3, 9, 9), 2)).run(None, {"x": x.numpy()})[0]
-        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+    for g in ([2, 2, 2], [3, 0, 1]):
+        layer = GDWSConv2d.from_conv(conv, g).float()
+        want = torch.nn.functional.conv2d(x, layer.dense_weight(), layer.bias, stride=2, padding=1).detach().numpy()
+        for form in ("dense", "gather", "branches") + (("multiplier",) if layer.uniform else ()):
+            got = ReferenceEvaluator(_layer_onnx(layer, form, (3, 9, 9), 2)).run(None, {"x": x.numpy()})[0]
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4, err_msg=f"{g} {form}")
+
+
+def test_branches_plan_and_its_onnx_ops():
+    from edgesep.layers.gdws import gdws_branches
+
+    # branch i: the i-th kernel of every channel with g_c > i; None = all channels (no gather)
+    assert gdws_branches([2, 2]) == [(None, [0, 2]), (None, [1, 3])]
+    assert gdws_branches([3, 0, 1]) == [([0, 2], [0, 3]), ([0], [1]), ([0], [2])]
+    assert gdws_branches([1, 1, 1]) == [(None, [0, 1, 2])]
+    import onnx
+
+    from edgesep.gdws import _layer_onnx
+
+    layer = GDWSConv2d.from_conv(_conv(c=4, m=6, k=3, padding=1, seed=2), [2] * 4).float()
+    ops = [n.op_type for n in onnx.load_from_string(_layer_onnx(layer, "branches", (4, 8, 8), 1)).graph.node]
+    assert ops.count("Conv") == 4 and "Gather" not in ops  # equal g: two depthwise (multiplier 1) + two 1x1
+    nodes = onnx.load_from_string(_layer_onnx(layer, "branches", (4, 8, 8), 1)).graph.node
+    groups = [next((a.i for a in n.attribute if a.name == "group"), 1) for n in nodes if n.op_type == "Conv"]
+    assert groups == [4, 1, 4, 1]
 
 
 # ---------------------------------------------------------------------------------------------------- edge cases
