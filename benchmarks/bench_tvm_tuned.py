@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--steps", default="16,48", help="cumulative trial budgets per (model, batch)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the tuned bundles here (default: a temp dir)")
+    ap.add_argument("--cores", type=int, default=None,
+                    help="num-cores of the host target (default: all; 1 = a single-threaded library, no thread pool)")
     args = ap.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     batches = [int(b) for b in args.batches.split(",")]
@@ -136,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     torch.set_num_threads(1)  # the tuning search and the timings below are not torch's
     atomic_write_json(args.out, result)
+    target: Any = "host"
+    if args.cores:
+        import tvm
+
+        target = {"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu()), "num-cores": args.cores}
+    result["target"] = target
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-tvm-tuned-"))
     work.mkdir(parents=True, exist_ok=True)
     for name in models:
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             for total in steps:
                 t0 = time.perf_counter()
                 _log(f"== {name} batch {batch}: tuning to {total} trials ({total - done} more)")
-                art = tune_tvm(b, "host", total - done, batch=batch, log=_log)
+                art = tune_tvm(b, target, total - done, batch=batch, target_name="host", log=_log)
                 x = art.extra
                 tu, h = x["tuning"], x["host_latency_ms"]
                 flops = sum(t["flops"] * t["weight"] for t in tu["tasks"])
