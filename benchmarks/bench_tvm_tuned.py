@@ -106,6 +106,28 @@ def make_bundle(name: str, root: Path) -> Path:
     return b.root
 
 
+def summarize(paths: list[Path]) -> str:
+    """A Markdown table of the rows of result files: the speed ratio next to the slowest kernel and its trials."""
+    import json
+
+    lines = [
+        "| model | batch | trials (tasks) | load | TVM ms | ORT ms | TVM / ORT speed | TVM GFLOP/s (peak) | "
+        "slowest TVM kernel: µs, GFLOP/s, trials on it | kernels sum ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in paths:
+        d = json.loads(Path(path).read_text())
+        for r in d["rows"]:
+            k = r["slowest_task"]
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['trials_total']} ({r['tasks']}) | {r.get('load_avg', 0):.1f} | "
+                f"{r['tvm_ms']:.4g} | {r['onnxruntime_ms']:.4g} | {r['speed_vs_ort']:.2f}x | "
+                f"{r['tvm_gflops']:.1f} ({d['matmul_peak_gflops']:.0f}) | `{k['name']}` x{k['weight']}: "
+                f"{k['best_us']:.1f}, {k['gflops']:.1f}, {k['valid_records']} | {r['kernel_sum_ms']:.4g} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/tvm_tuned.json"))
@@ -115,7 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="keep the tuned bundles here (default: a temp dir)")
     ap.add_argument("--cores", type=int, default=None,
                     help="num-cores of the host target (default: all; 1 = a single-threaded library, no thread pool)")
+    ap.add_argument("--summarize", type=Path, nargs="+", default=None,
+                    help="print a Markdown table of these result files and exit")
     args = ap.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return 0
     models = [m for m in args.models.split(",") if m]
     batches = [int(b) for b in args.batches.split(",")]
     steps = [int(s) for s in args.steps.split(",")]
