@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["matmul_peak_gflops", "time_ms"]
+__all__ = ["matmul_peak_gflops", "ort_call", "time_ms", "torch_call"]
 
 
 def time_ms(fn: Callable[[], Any], min_time: float, min_samples: int = 5) -> float:
@@ -37,3 +37,28 @@ def matmul_peak_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
+
+
+def ort_call(onnx_bytes: bytes, shape: list[int], threads: int) -> Callable[[], Any]:
+    """A zero-argument call of an ONNX Runtime session (``threads`` intra-op threads) on one random input."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    s = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+    name = s.get_inputs()[0].name
+    x = np.random.rand(*shape).astype(np.float32)
+    return lambda: s.run(None, {name: x})
+
+
+def torch_call(mod: Any, shape: list[int]) -> Callable[[], Any]:
+    """A zero-argument no-grad call of a torch module on one random input."""
+    import torch
+
+    x = torch.rand(*shape)
+
+    def run() -> Any:
+        with torch.no_grad():
+            return mod(x)
+
+    return run

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +47,9 @@ from edgesep.gdws import (
 from edgesep.layers.gdws import GDWSConv2d
 from edgesep.models import create_model
 from edgesep.runs import versions
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_timing.py: helpers the scripts share
+from _timing import ort_call, torch_call
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -167,27 +171,6 @@ def _tvm_fn(onnx_bytes: bytes, shape: list[int]):
     return lambda: f(x)
 
 
-def _ort_fn(onnx_bytes: bytes, shape: list[int], threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    s = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
-    name = s.get_inputs()[0].name
-    x = np.random.rand(*shape).astype(np.float32)
-    return lambda: s.run(None, {name: x})
-
-
-def _torch_fn(mod, shape):
-    x = torch.rand(*shape)
-
-    def run():
-        with torch.no_grad():
-            return mod(x)
-
-    return run
-
-
 def _export_bytes(model, path: Path) -> bytes:
     from edgesep.export._onnx import export_onnx
 
@@ -217,8 +200,8 @@ def stage_latency(args, log) -> None:
         fns = {}
         for f in forms:
             mod = m.to_conv() if f == "dense" else copy.deepcopy(m).set_form(f)
-            fns[f"torch/{f}"] = _torch_fn(mod.eval(), ins)
-            fns[f"ort/{f}"] = _ort_fn(_layer_onnx(m, f, ins[1:], 1), ins, args.threads)
+            fns[f"torch/{f}"] = torch_call(mod.eval(), ins)
+            fns[f"ort/{f}"] = ort_call(_layer_onnx(m, f, ins[1:], 1), ins, args.threads)
             if name in tvm_layers:
                 fns[f"tvm/{f}"] = _tvm_fn(_layer_onnx(m, f, ins[1:], 1), ins)
         ms = _interleaved_median_ms(fns)
@@ -240,8 +223,8 @@ def stage_latency(args, log) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for k, net in nets.items():
             b = _export_bytes(net, Path(tmp) / f"{k}.onnx")
-            fns[f"torch/{k}"] = _torch_fn(net, [1, 3, 32, 32])
-            fns[f"ort/{k}"] = _ort_fn(b, [1, 3, 32, 32], args.threads)
+            fns[f"torch/{k}"] = torch_call(net, [1, 3, 32, 32])
+            fns[f"ort/{k}"] = ort_call(b, [1, 3, 32, 32], args.threads)
             if not args.no_tvm:
                 fns[f"tvm/{k}"] = _tvm_fn(b, [1, 3, 32, 32])
     ms = _interleaved_median_ms(fns)

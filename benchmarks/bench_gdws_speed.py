@@ -32,7 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from edgesep._io import atomic_write_json
@@ -45,32 +44,14 @@ from edgesep.runs import versions
 from edgesep.runtimes.tvm import _interleaved_median_ms
 from edgesep.stats import count_macs
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_timing.py: helpers the scripts share
+from _timing import ort_call, torch_call
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def _ort_fn(onnx_bytes: bytes, shape: list[int], threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    s = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
-    name = s.get_inputs()[0].name
-    x = np.random.rand(*shape).astype(np.float32)
-    return lambda: s.run(None, {name: x})
-
-
-def _torch_fn(mod, shape):
-    x = torch.rand(*shape)
-
-    def run():
-        with torch.no_grad():
-            return mod(x)
-
-    return run
 
 
 def _onnx_bytes(model, batch: int, tmp: Path, name: str) -> bytes:
@@ -129,9 +110,9 @@ def stage_latency(args, base, res, save) -> None:
             fns = {}
             for k, net in nets.items():
                 shape = [batch, 3, 32, 32]
-                fns[f"ort/{k}"] = _ort_fn(_onnx_bytes(net, batch, Path(tmp), k.replace("/", "-")), shape, args.threads)
+                fns[f"ort/{k}"] = ort_call(_onnx_bytes(net, batch, Path(tmp), k.replace("/", "-")), shape, args.threads)
                 if not args.no_torch:
-                    fns[f"torch/{k}"] = _torch_fn(net, shape)
+                    fns[f"torch/{k}"] = torch_call(net, shape)
             ms = _interleaved_median_ms(fns)
             speed = {k: ms[k.split("/")[0] + "/original"] / v for k, v in ms.items() if not k.endswith("/original")}
             lat["network"][str(batch)] = {"ms": ms, "speedup_vs_original": speed}
@@ -152,7 +133,7 @@ def stage_latency(args, base, res, save) -> None:
                "mac_ratio": macs[name], "ms": {}, "speedup_vs_dense": {}}  # fmt: skip
         for batch in args.batches:
             ins = [batch, *shapes[name]["in"]]
-            fns = {f: _ort_fn(_layer_onnx(m, f, ins[1:], batch), ins, args.threads)
+            fns = {f: ort_call(_layer_onnx(m, f, ins[1:], batch), ins, args.threads)
                    for f in ("dense", "gather", "multiplier", "branches")}  # fmt: skip
             ms = _interleaved_median_ms(fns)
             row["ms"][str(batch)] = ms
