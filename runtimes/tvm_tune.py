@@ -35,7 +35,8 @@ How the search runs with the PyPI wheel (apache-tvm 0.27.0.post1, apache-tvm-ffi
   gives every task one warm-up round, then spends each further round on the task whose weighted latency is
   still falling fastest: the anchor convolutions and matmuls, not a reshape or a mean that a few candidates
   settle. The round size is ``trials // (2 x tasks)`` (1 to 64), so the warm-up rounds take at most half the
-  budget and every task gets one (the stock 64 per round would spend a small budget on the first tasks). An
+  budget and every task gets one (the stock 64 per round would spend a small budget on the first tasks). The
+  scheduler checks the budget between rounds, so it may measure up to one round more than ``trials``. An
   explicit ``max_trials_per_task`` caps each task instead (an equal split with ``ceil(trials / tasks)``: the
   behaviour before the gradient allocation, kept to compare). Tasks that get no trial (budget smaller than the
   task count, or every candidate failed) stay unscheduled (serial loop nests, correct but slow): they are listed

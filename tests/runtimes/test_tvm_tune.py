@@ -87,16 +87,18 @@ def test_tasks_without_trials_are_reported(tuned):
 
 
 def test_gradient_allocation_warms_every_task_up_within_the_budget(exported, tmp_path):
-    # 12 trials for 4 tasks: rounds of 12 // 8 = 1, so the round-robin warm-up takes 4 and every task is scheduled;
-    # the per-task cap (the equal split) is the explicit alternative
+    # 24 trials for 4 tasks: rounds of 24 // 8 = 3, so the round-robin warm-up takes 12 and every task is scheduled
+    # (3 candidates each: one failed candidate cannot leave a task unscheduled); the per-task cap (the equal split)
+    # is the explicit alternative
     b = Path(shutil.copytree(exported, tmp_path / "mlp.bundle"))
     lines: list[str] = []
-    art = tune_tvm(b, "host", 12, log=lines.append)
+    art = tune_tvm(b, "host", 24, log=lines.append)
     tu = art.extra["tuning"]
     assert tu["untuned_tasks"] == [] and art.extra["scheduled"] is True, (tu["tasks"], lines)
-    assert tu["trials_per_round"] == 1 and tu["allocation"] == "gradient"
-    assert sum(t["valid_records"] for t in tu["tasks"]) <= 12, tu["tasks"]
-    assert any("allocated by the gradient scheduler, 1 per round" in ln for ln in lines)
+    assert tu["trials_per_round"] == 3 and tu["allocation"] == "gradient"
+    # the scheduler checks the global budget between rounds: it may overshoot by less than one round
+    assert sum(t["valid_records"] for t in tu["tasks"]) < 24 + 3, tu["tasks"]
+    assert any("allocated by the gradient scheduler, 3 per round" in ln for ln in lines)
     capped = tune_tvm(Path(shutil.copytree(exported, tmp_path / "capped.bundle")), "host", 4, max_trials_per_task=1,
                       log=lines.append)  # fmt: skip
     assert capped.extra["tuning"]["allocation"] == "per-task cap"
