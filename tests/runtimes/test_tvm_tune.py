@@ -86,23 +86,30 @@ def test_tasks_without_trials_are_reported(tuned):
     assert len(warning) == 1 and all(name in warning[0] for name in no_record)
 
 
-def test_gradient_allocation_warms_every_task_up_within_the_budget(exported, tmp_path):
-    # 24 trials for 4 tasks: rounds of 24 // 8 = 3, so the round-robin warm-up takes 12 and every task is scheduled
-    # (3 candidates each: one failed candidate cannot leave a task unscheduled); the per-task cap (the equal split)
-    # is the explicit alternative
+def test_gradient_allocation_warms_every_task_up_and_spends_the_rest_unevenly(exported, tmp_path):
+    # 24 trials for 4 tasks: rounds of 24 // 8 = 3, so the round-robin warm-up takes 12 and reaches every task; the
+    # rest goes where the weighted latency still falls, so some task gets more than the equal split's
+    # ceil(24 / 4) = 6 (the normalize+reshape task's search space is a handful of schedules: it stops early)
     b = Path(shutil.copytree(exported, tmp_path / "mlp.bundle"))
     lines: list[str] = []
     art = tune_tvm(b, "host", 24, log=lines.append)
     tu = art.extra["tuning"]
-    assert tu["untuned_tasks"] == [] and art.extra["scheduled"] is True, (tu["tasks"], lines)
-    assert tu["trials_per_round"] == 3 and tu["allocation"] == "gradient"
-    # the scheduler checks the global budget between rounds: it may overshoot by less than one round
-    assert sum(t["valid_records"] for t in tu["tasks"]) < 24 + 3, tu["tasks"]
+    recs = [t["valid_records"] for t in tu["tasks"]]
+    assert tu["trials_per_round"] == 3 and tu["allocation"] == "gradient" and tu["trials_per_task_max"] is None
     assert any("allocated by the gradient scheduler, 3 per round" in ln for ln in lines)
-    capped = tune_tvm(Path(shutil.copytree(exported, tmp_path / "capped.bundle")), "host", 4, max_trials_per_task=1,
+    # a candidate that fails to build or run (a heavily loaded machine) can still cost a task its warm-up round:
+    # then it is reported, never silently unscheduled
+    assert len(tu["untuned_tasks"]) <= 1, (tu["tasks"], lines)
+    assert tu["untuned_tasks"] == [t["name"] for t in tu["tasks"] if t["valid_records"] == 0]
+    assert art.extra["scheduled"] is (not tu["untuned_tasks"])
+    assert max(recs) > 6, tu["tasks"]
+    # the scheduler checks the global budget between rounds: it may overshoot by less than one round
+    assert sum(recs) < 24 + 3, tu["tasks"]
+    capped = tune_tvm(Path(shutil.copytree(exported, tmp_path / "capped.bundle")), "host", 8, max_trials_per_task=2,
                       log=lines.append)  # fmt: skip
-    assert capped.extra["tuning"]["allocation"] == "per-task cap"
-    assert capped.extra["tuning"]["trials_per_task_max"] == 1
+    ct = capped.extra["tuning"]
+    assert ct["allocation"] == "per-task cap" and ct["trials_per_task_max"] == 2
+    assert all(t["valid_records"] <= 2 for t in ct["tasks"]), ct["tasks"]
 
 
 def test_tuned_library_matches_onnxruntime(tuned):
