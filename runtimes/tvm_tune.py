@@ -623,23 +623,25 @@ def tune_tvm(
             bld = _make_builder(builder, compiler, workers=_tvm._HOST_CORES)
             pop = population or (512 if min(per_task, trials / n_tasks) >= _MAX_PER_ITER else 128)
             strategy = ms.search_strategy.EvolutionarySearch(population_size=pop)
-            ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                tasks, str(wd), strategy=strategy, num_threads=_tvm._HOST_CORES, seed=seed
-            )
-            callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _progress_callback(log, task_names)]
-            log(
-                f"  searching: {trials} trials, "
-                + (f"at most {per_task} per task" if max_trials_per_task else "allocated by the gradient scheduler")
-                + f", {per_iter} per round; builder {builder}, runner {'RPC' if remote else 'local'} ({ev})"
-            )
-            t = time.perf_counter()
-            with _tvm._keep_affinity(), _quiet_tvm_logging():
-                ms.tune_tasks(
-                    tasks=ctxs, task_weights=weights, work_dir=str(wd), max_trials_global=trials,
-                    max_trials_per_task=per_task, num_trials_per_iter=per_iter, builder=bld,
-                    runner=runner, database=db, cost_model="xgb", measure_callbacks=callbacks,
-                )  # fmt: skip
-            tune_s = time.perf_counter() - t
+            with _isolated_ms_logging():  # MetaSchedule's loggers, configured and undone here
+                ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                    tasks, str(wd), strategy=strategy, num_threads=_tvm._HOST_CORES, seed=seed
+                )
+                callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
+                             _progress_callback(log, task_names)]  # fmt: skip
+                log(
+                    f"  searching: {trials} trials, "
+                    + (f"at most {per_task} per task" if max_trials_per_task else "allocated by the gradient scheduler")
+                    + f", {per_iter} per round; builder {builder}, runner {'RPC' if remote else 'local'} ({ev})"
+                )
+                t = time.perf_counter()
+                with _tvm._keep_affinity(), _quiet_tvm_logging():
+                    ms.tune_tasks(
+                        tasks=ctxs, task_weights=weights, work_dir=str(wd), max_trials_global=trials,
+                        max_trials_per_task=per_task, num_trials_per_iter=per_iter, builder=bld,
+                        runner=runner, database=db, cost_model="xgb", measure_callbacks=callbacks,
+                    )  # fmt: skip
+                tune_s = time.perf_counter() - t
             with contextlib.suppress(Exception):
                 runner.pool.shutdown()  # its worker processes; the builder's die with each batch
         workloads, records = _jsonl(wl_path), _jsonl(rec_path)
@@ -829,6 +831,35 @@ def tune_tvm(
         f"{len(tasks) - len(untuned)}/{len(tasks)} tasks tuned, parity max rel err {par['max_rel_err']:.1e}"
     )
     return art
+
+
+@contextlib.contextmanager
+def _isolated_ms_logging() -> Any:
+    """MetaSchedule configures its loggers with ``logging.config.dictConfig``, listing the handlers already on the
+    ``tvm.s_tir.meta_schedule`` logger by name; a handler someone else attached there (a name of None) makes that
+    fail (``'NoneType' object has no attribute 'format'``), and its file handlers point into the tuning work dir,
+    which is deleted afterwards. So: detach foreign handlers for the search, then close MetaSchedule's own (the
+    global and per-task file handlers) and give the foreign ones back."""
+    import logging
+
+    name = "tvm.s_tir.meta_schedule"
+    lg = logging.getLogger(name)
+    foreign = [h for h in lg.handlers if not (h.get_name() or "").startswith(name)]
+    for h in lg.handlers[:]:
+        lg.removeHandler(h)
+    try:
+        yield
+    finally:
+        loggers = [lg] + [
+            logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict) if n.startswith(name + ".logging.")
+        ]
+        for logger in loggers:
+            for h in logger.handlers[:]:
+                logger.removeHandler(h)
+                with contextlib.suppress(Exception):
+                    h.close()
+        for h in foreign:
+            lg.addHandler(h)
 
 
 @contextlib.contextmanager

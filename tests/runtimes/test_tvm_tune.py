@@ -90,9 +90,19 @@ def test_gradient_allocation_warms_every_task_up_and_spends_the_rest_unevenly(ex
     # 24 trials for 4 tasks: rounds of 24 // 8 = 3, so the round-robin warm-up takes 12 and reaches every task; the
     # rest goes where the weighted latency still falls, so some task gets more than the equal split's
     # ceil(24 / 4) = 6 (the normalize+reshape task's search space is a handful of schedules: it stops early)
+    import logging
+
     b = Path(shutil.copytree(exported, tmp_path / "mlp.bundle"))
     lines: list[str] = []
-    art = tune_tvm(b, "host", 24, log=lines.append)
+    # a handler someone else attached to MetaSchedule's logger (no name): MetaSchedule's own dictConfig failed on it
+    # ("'NoneType' object has no attribute 'format'"); tune_tvm detaches it for the search and gives it back
+    ms_logger, foreign = logging.getLogger("tvm.s_tir.meta_schedule"), logging.NullHandler()
+    ms_logger.addHandler(foreign)
+    try:
+        art = tune_tvm(b, "host", 24, log=lines.append)
+        assert ms_logger.handlers == [foreign]  # MetaSchedule's console / work-dir file handlers closed, removed
+    finally:
+        ms_logger.removeHandler(foreign)
     tu = art.extra["tuning"]
     recs = [t["valid_records"] for t in tu["tasks"]]
     assert tu["trials_per_round"] == 3 and tu["allocation"] == "gradient" and tu["trials_per_task_max"] is None
