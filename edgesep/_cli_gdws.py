@@ -54,6 +54,9 @@ def gdws_cmd(
             help="torch | onnxruntime: time each layer's forms there; fold back to dense where GDWS is slower."
         ),
     ] = None,
+    choose_batch: Annotated[
+        int, typer.Option(help="With --choose-form: the batch the forms are timed at (the batch you will run).")
+    ] = 1,
     eval_n: Annotated[int, typer.Option(help="Test images for clean accuracy before/after (0: skip).")] = 1000,
     pretrained: Annotated[
         str | None, typer.Option(help="Checkpoint (.safetensors) for a model name; default: the shared one.")
@@ -84,6 +87,7 @@ def gdws_cmd(
         skip_first=skip_first,
         bn_recalib=bn_recalib,
         choose_form=None if choose_form == "none" else choose_form,
+        choose_batch=choose_batch,
         eval_n=eval_n,
         pretrained=pretrained,
         dataset=dataset,

@@ -305,6 +305,18 @@ def test_cli_gdws_on_convex_small(tmp_path, shared_models, shared_data):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["gdws"]["converted_mac_reduction"] >= 2.0
     assert math.isfinite(metrics["clean_accuracy"]["after"])
+    # the equal allocation, forms timed at batch 4 on ONNX Runtime: branches among the timed forms, the choice kept
+    out2 = tmp_path / "cs_eq"
+    assert main([*args[:8], "--out", str(out2), "--allocation", "equal", "--unweighted", "--choose-form", "onnxruntime",
+                 "--choose-batch", "4", *args[10:]]) == 0  # fmt: skip
+    forms = json.loads((out2 / "metrics.json").read_text())["gdws"]["forms"]
+    assert forms["runtime"] == "onnxruntime" and forms["batch"] == 4
+    assert all({"dense", "gather", "branches"} <= set(r["ms"]) for r in forms["layers"])
+    model2, config2 = load_run(out2)
+    layer = model2.get_submodule("2")
+    chosen = forms["layers"][0]["chosen"]
+    assert (isinstance(layer, nn.Conv2d) if chosen == "dense" else layer.form == chosen)
+    assert config2["gdws"]["_data"]["choose_batch"] == 4 and config2["gdws"]["_data"]["allocation"] == "equal"
 
 
 def test_cli_gdws_errors_are_one_line(tmp_path, capsys):
