@@ -16,6 +16,22 @@ __all__ = ["BACKENDS", "register"]
 BACKENDS = ("tvm", "tensorrt")
 
 
+def _say(line: str, style: str | None = None) -> None:
+    """One line on the console as given: no rich markup or highlighting (paths and numbers stay verbatim)."""
+    from edgesep.cli import out_console
+
+    out_console.print(line, style=style, highlight=False, markup=False, soft_wrap=True)
+
+
+def _say_added(bundle: Path, art: Any) -> None:
+    """The first line of every compile: which artifact was added to the bundle."""
+    _say(
+        f"added {art.file} to {bundle}: artifact {art.id} (kind {art.kind}, precision {art.precision}, target "
+        f"{art.target}, {art.extra['arch']}), {art.size:,} bytes, sha256 {art.sha256}",
+        style="bold",
+    )
+
+
 def _compile_tvm(bundle: Path, target: str, precision: str, batch: int, opt: str, cc: str | None) -> None:
     from edgesep.cli import _log, _table, out_console
     from edgesep.runtimes.tvm import compile_tvm
@@ -23,15 +39,8 @@ def _compile_tvm(bundle: Path, target: str, precision: str, batch: int, opt: str
     art = compile_tvm(bundle, target=target, precision=precision, batch=batch, opt=opt, cc=cc, log=_log)
     x = art.extra
 
-    def say(line: str, style: str | None = None) -> None:
-        out_console.print(line, style=style, highlight=False, markup=False, soft_wrap=True)
-
-    say(
-        f"added {art.file} to {bundle}: artifact {art.id} (kind {art.kind}, precision {art.precision}, target "
-        f"{art.target}, {x['arch']}), {art.size:,} bytes, sha256 {art.sha256}",
-        style="bold",
-    )
-    say(f"TVM {x['tvm_version']}, pipeline {x['pipeline']}, static batch {x['batch']}, input {x['input_shape']}")
+    _say_added(bundle, art)
+    _say(f"TVM {x['tvm_version']}, pipeline {x['pipeline']}, static batch {x['batch']}, input {x['input_shape']}")
     cands = [["pipeline", "parity", "host latency ms", "build s"]]
     for name, r in x["pipeline_candidates"].items():
         par = r.get("parity")
@@ -43,7 +52,7 @@ def _compile_tvm(bundle: Path, target: str, precision: str, batch: int, opt: str
         )  # fmt: skip
     out_console.print(_table(f"no-search pipelines, batch {x['batch']} (opt={x['opt']})", cands, left=2))
     par = x["parity"]
-    say(
+    _say(
         f"parity vs {par['vs']} on {par['n']} images ({par['inputs']}): max abs error {par['max_abs_err']:.2e}, "
         f"max rel error {par['max_rel_err']:.2e}, top-1 agreement {100 * par['top1_agreement']:.2f}% "
         f"(gate: {par['gate']})"
@@ -59,14 +68,14 @@ def _compile_tvm(bundle: Path, target: str, precision: str, batch: int, opt: str
     ratio = h["tvm"] / h["onnxruntime"] if h["onnxruntime"] > 0 else float("inf")
     where = "on this host" if art.target == "host" else f"on this host (a proxy for {art.target}: measure there)"
     if x["default_runtime"] == "onnxruntime":
-        say(
+        _say(
             f"ONNX Runtime stays the default runtime for this bundle ({art.precision}): it is {ratio:.1f}x faster "
             f"than this TVM build {where} ({h['onnxruntime']:.4f} vs {h['tvm']:.4f} ms). The TVM library is untuned "
             "(no MetaSchedule search yet).",
             style="bold yellow",
         )
     else:
-        say(
+        _say(
             f"TVM is faster than ONNX Runtime ({art.precision}) {where} ({h['tvm']:.4f} vs {h['onnxruntime']:.4f} "
             f"ms, {1 / ratio:.1f}x): the TVM library is a deployment candidate for {art.target}"
             + (
@@ -80,13 +89,13 @@ def _compile_tvm(bundle: Path, target: str, precision: str, batch: int, opt: str
         q = x["int8"]
         alt = q["alternative"]
         if q.get("measured_here"):
-            say(
+            _say(
                 f"INT8: TVM runs the QDQ graph as float fake-quant; measured here the faster INT8 path is "
                 f"{q['winner_measured']} (ONNX Runtime runs {alt['file']} with int8 kernels); fastest of all four "
                 f"runs: {q['fastest_overall']}."
             )
         else:
-            say(
+            _say(
                 f"INT8 on {art.target}: TVM runs the QDQ graph as float fake-quant; expected winner: "
                 f"{q['expected_winner']} with {alt['file']} (artifact {alt['artifact']}, int8 kernels). "
                 f"{q['must_measure_on_device']}."
@@ -115,16 +124,9 @@ def _tune_tvm(
     )  # fmt: skip
     x, tu = art.extra, art.extra["tuning"]
 
-    def say(line: str, style: str | None = None) -> None:
-        out_console.print(line, style=style, highlight=False, markup=False, soft_wrap=True)
-
-    say(
-        f"added {art.file} to {bundle}: artifact {art.id} (kind {art.kind}, precision {art.precision}, target "
-        f"{art.target}, {x['arch']}), {art.size:,} bytes, sha256 {art.sha256}",
-        style="bold",
-    )
+    _say_added(bundle, art)
     how = "rebuilt from the stored database" if tu["rebuilt_from_database"] else f"{tu['trials']} trials"
-    say(
+    _say(
         f"TVM {x['tvm_version']}, MetaSchedule ({how}; builder {tu['builder']}, runner {tu['runner']}), static "
         f"batch {x['batch']}, num-cores {tu['num_cores']}, {x['minutes']:.1f} min; database: report "
         f"{tu['database']['report']} ({tu['database']['records']} records, {tu['database']['workloads']} workloads)"
@@ -137,26 +139,26 @@ def _tune_tvm(
         rows.append([t["name"], f"{t['flops'] / 1e6:.3f}", str(t["valid_records"]), best, gflops])
     out_console.print(_table("tasks (best measured candidate of each)", rows, left=1))
     if tu["untuned_tasks"]:
-        say(
+        _say(
             f"{len(tu['untuned_tasks'])} task(s) have no tuning record and run unscheduled (serial loop nests): "
             f"{', '.join(tu['untuned_tasks'])}. Tune with more --tune-trials (at least one per task).",
             style="bold yellow",
         )
     par = x["parity"]
-    say(
+    _say(
         f"parity vs {par['vs']} on {par['n']} images ({par['inputs']}): max abs error {par['max_abs_err']:.2e}, "
         f"max rel error {par['max_rel_err']:.2e}, top-1 agreement {100 * par['top1_agreement']:.2f}% "
         f"(gate: {par['gate']})"
     )
     if "device_latency_ms" in x:
         d = x["device_latency_ms"]
-        say(f"tuned TVM on the device: {d['tvm_on_device_ms']:.4f} ms per batch of {x['batch']} ({d['method']}).")
+        _say(f"tuned TVM on the device: {d['tvm_on_device_ms']:.4f} ms per batch of {x['batch']} ({d['method']}).")
         if d.get("meaningless"):
-            say(
+            _say(
                 f"These timings are MEANINGLESS: {d['meaningless']}. The emulated device checks correctness only.",
                 style="bold yellow",
             )
-        say(f"No winner recorded for {art.target}: {d['note']}.")
+        _say(f"No winner recorded for {art.target}: {d['note']}.")
         return
     h = x["host_latency_ms"]
     lat = [["runtime", "ms"], ["TVM (tuned)", f"{h['tvm']:.4f}"], ["ONNX Runtime", f"{h['onnxruntime']:.4f}"]]
@@ -167,7 +169,7 @@ def _tune_tvm(
         winner = next((a for a in b.manifest.artifacts if art.target in (a.extra.get("preferred_for") or [])), None)
     if winner is not None:
         style = "bold green" if winner.kind == "tvm-lib" else "bold yellow"
-        say(
+        _say(
             f"recorded winner for {art.target}: {winner.id} ({winner.extra.get('preferred_reason')}); "
             "edgesep.runtimes.load picks it.",
             style=style,

@@ -329,6 +329,21 @@ def _with_io_shapes(mod: Any, in_shape: Sequence[int], out_shape: Sequence[int])
     return mod
 
 
+def _export_library(ex: Any, folder: Path, name: str, precision: str, compiler: str | None) -> Path:
+    """Link a built executable into ``folder/model.<name>[.<precision>].so`` (the bundle's file name for it).
+
+    Raises:
+        TvmBuildError: the compiler / linker failed.
+    """
+    file = f"model.{name}.so" if precision == "fp32" else f"model.{name}.{precision}.so"
+    lib = folder / file
+    try:
+        ex.export_library(str(lib), **({} if compiler is None else {"cc": compiler}))
+    except Exception as e:
+        raise TvmBuildError(f"linking {file} with {compiler or 'the system compiler'} failed: {e}") from e
+    return lib
+
+
 def _build(mod: Any, tgt: Any, pipeline: str) -> Any:
     """``tvm.compile`` with one of ``PIPELINES``; returns the VM executable."""
     import tvm
@@ -616,13 +631,9 @@ def compile_tvm(
 
     t = time.perf_counter()
     ex = built[chosen][0] if native else _build(mod, tgt, chosen)
-    file = f"model.{name}.so" if precision == "fp32" else f"model.{name}.{precision}.so"
     with tempfile.TemporaryDirectory(prefix="edgesep-tvm-") as tmp:
-        lib = Path(tmp) / file
-        try:
-            ex.export_library(str(lib), **({} if compiler is None else {"cc": compiler}))
-        except Exception as e:
-            raise TvmBuildError(f"linking {file} with {compiler or 'the system compiler'} failed: {e}") from e
+        lib = _export_library(ex, Path(tmp), name, precision, compiler)
+        file = lib.name
         target_build_s = time.perf_counter() - t
         elf = elf_machine(lib)
 

@@ -668,13 +668,9 @@ def tune_tvm(
     sess = ort.InferenceSession(str(bundle.path_of(src)), so, providers=["CPUExecutionProvider"])
     ref = np.concatenate([sess.run(None, {m.input.name: c})[0][:n] for c, n in _tvm._chunks(x_par, batch)])
     x_time = _tvm._chunks(x_par, batch)[0][0]
-    file = f"model.{name}.so" if precision == "fp32" else f"model.{name}.{precision}.so"
     with tempfile.TemporaryDirectory(prefix="edgesep-tvm-") as tmp:
-        lib = Path(tmp) / file
-        try:
-            ex.export_library(str(lib), **({} if compiler is None else {"cc": compiler}))
-        except Exception as e:
-            raise _tvm.TvmBuildError(f"linking {file} with {compiler or 'the system compiler'} failed: {e}") from e
+        lib = _tvm._export_library(ex, Path(tmp), name, precision, compiler)
+        file = lib.name
         latency: dict[str, Any]
         if remote:
             session = _connect(rpc_addr, tracker_addr, key, 600.0 if emulated else 120.0)

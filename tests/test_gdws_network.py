@@ -108,8 +108,6 @@ def test_convert_meets_the_mac_budget_and_counts_like_torch():
 
 
 def test_equal_allocation_is_the_largest_equal_g_that_fits_each_layer():
-    import math
-
     model = _small_cnn().eval()
     new, rep = convert_model(model, (1, 12, 12), mac_budget=0.5, allocation="equal")
     for r in rep["layers"]:
